@@ -1,0 +1,1 @@
+"""Users' entry points: the ``psepr`` command (later ``svm`` and ``dsmtc``)."""

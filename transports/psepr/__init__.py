@@ -1,0 +1,1 @@
+"""PsEPR, the publish/subscribe event service: events, channels, leases, router, client."""

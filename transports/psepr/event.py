@@ -1,0 +1,342 @@
+"""PsEPR events: the model, and the codec between it and XML (pure, no I/O).
+
+An event is the document the original PsEPR clients sent, usually inside an
+XMPP ``<message>`` (see ``stream.py`` for the wrapper)::
+
+    <event xmlns="http://psepr.org/xs/event">
+      <to><channel>/org/dsmt/ns/deployment/xyz1/…/status/</channel>
+          <service>xyz1_mgr</service><instance/></to>
+      <from><service>xyz1_mgr</service><instance>planetlab5.nbgisp.com</instance></from>
+      <payload xmlns="http://psepr.org/xs/payload/attribute">
+        <field>deployment-status</field><value>…,status=requested</value><expire>90</expire>
+      </payload>
+    </event>
+
+The payload's namespace is its type.  Two types are understood here:
+*attribute* (``field``, ``value``, optional ``expire`` seconds; the
+``…/ns/payload/attribute`` spelling of an old document is accepted on input and
+normalised) and *lease* (``duration``, ``identifier``, ``op``).  Any other
+namespace is carried as opaque XML.
+
+Parsing contract: :func:`parse_event` accepts bytes of an ``<event>`` document
+or of a ``<message>`` holding one; it refuses DTDs and entities, documents over
+:data:`MAX_EVENT_BYTES` or deeper than :data:`MAX_EVENT_DEPTH`, and anything
+structurally wrong, raising :class:`EventError` with a message naming the
+problem.  Unknown extra elements in ``<event>`` are ignored (forward
+compatibility); a repeated known element is an error.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Union
+
+from lxml import etree
+
+from dsmt.transports.psepr.channel import ChannelError, validate_channel
+from dsmt.transports.xmlsafe import XmlSafetyError, parse_xml
+
+__all__ = [
+    "EVENT_NS", "ATTRIBUTE_NS", "LEGACY_ATTRIBUTE_NS", "LEASE_NS", "MAX_EVENT_BYTES", "MAX_EVENT_DEPTH",
+    "MAX_NAME_CHARS", "EventError", "Event", "AttributePayload", "LeasePayload", "OpaquePayload",
+    "Payload", "parse_event", "event_to_xml", "canonical_payload_type",
+]
+
+EVENT_NS = "http://psepr.org/xs/event"
+ATTRIBUTE_NS = "http://psepr.org/xs/payload/attribute"
+#: The spelling reference 000 uses; accepted on input, never written.
+LEGACY_ATTRIBUTE_NS = "http://psepr.org/ns/payload/attribute"
+LEASE_NS = "http://psepr.org/xs/payload/lease"
+
+#: Largest event accepted, in bytes of XML.  PsEPR events are small status
+#: records (hundreds of bytes); 1 MiB leaves room for SOAP envelopes carried as
+#: opaque payloads and equals NATS' default ``max_payload``, so an event that
+#: passes here also fits the clustered backend.
+MAX_EVENT_BYTES = 1024 * 1024
+#: Deepest nesting accepted: an event is 4 levels deep; a signed SOAP envelope
+#: inside an opaque payload reaches about 12.
+MAX_EVENT_DEPTH = 32
+#: Longest service or instance name, in characters (a DNS name is ≤ 253).
+MAX_NAME_CHARS = 255
+
+_E = "{%s}" % EVENT_NS
+_XML_CHARS = re.compile("[^\u0009\u000a\u000d\u0020-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+
+class EventError(ValueError):
+    """An event (bytes or fields) is not acceptable; the message names what is wrong."""
+
+
+def canonical_payload_type(namespace: str | None) -> str | None:
+    """Map the legacy attribute namespace to the wire one; anything else unchanged."""
+    return ATTRIBUTE_NS if namespace == LEGACY_ATTRIBUTE_NS else namespace
+
+
+def _check_text(what: str, text: str, *, max_chars: int | None = None) -> str:
+    if not isinstance(text, str):
+        raise EventError(f"{what} must be text, not {type(text).__name__}")
+    if max_chars is not None and len(text) > max_chars:
+        raise EventError(f"{what} is longer than {max_chars} characters")
+    bad = _XML_CHARS.search(text)
+    if bad:
+        raise EventError(f"{what} contains a character XML cannot carry: U+{ord(bad.group()):04X}")
+    return text
+
+
+def _check_name(what: str, name: str | None) -> str | None:
+    if name is None:
+        return None
+    _check_text(what, name, max_chars=MAX_NAME_CHARS)
+    if not name or name != name.strip():
+        raise EventError(f"{what} {name!r} must be non-empty without surrounding whitespace")
+    return name
+
+
+@dataclass(frozen=True, slots=True)
+class AttributePayload:
+    """A named value: ``field`` = ``value``, valid for ``expire`` seconds if given."""
+
+    field: str
+    value: str
+    expire: int | None = None
+    namespace = ATTRIBUTE_NS
+
+    def __post_init__(self):
+        _check_text("attribute field", self.field, max_chars=MAX_NAME_CHARS)
+        if not self.field:
+            raise EventError("attribute field is empty")
+        _check_text("attribute value", self.value)
+        if self.expire is not None and (not isinstance(self.expire, int) or self.expire < 0):
+            raise EventError(f"attribute expire must be a non-negative integer, not {self.expire!r}")
+
+
+LEASE_OPS = ("register", "unregister")
+
+
+@dataclass(frozen=True, slots=True)
+class LeasePayload:
+    """A lease request (or, from the router, a grant): ``identifier`` is chosen by the client."""
+
+    identifier: str
+    duration: int
+    op: str = "register"
+    namespace = LEASE_NS
+
+    def __post_init__(self):
+        _check_text("lease identifier", self.identifier, max_chars=MAX_NAME_CHARS)
+        if not self.identifier:
+            raise EventError("lease identifier is empty")
+        if not isinstance(self.duration, int) or self.duration < 0:
+            raise EventError(f"lease duration must be a non-negative integer of seconds, not {self.duration!r}")
+        if self.op not in LEASE_OPS:
+            raise EventError(f"lease op must be one of {', '.join(LEASE_OPS)}, not {self.op!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class OpaquePayload:
+    """Any other payload type: its namespace and the serialised ``<payload>`` element.
+
+    Build one from XML with :meth:`from_xml`; ``xml`` always holds one
+    ``<payload>`` element in ``namespace``.
+    """
+
+    namespace: str
+    xml: bytes
+
+    def __post_init__(self):
+        if not isinstance(self.xml, bytes):
+            raise EventError(f"opaque payload must be bytes of XML, not {type(self.xml).__name__}")
+        parsed = OpaquePayload.from_xml(self.xml)
+        if parsed.namespace != self.namespace:
+            raise EventError(f"opaque payload is in namespace {parsed.namespace!r}, not {self.namespace!r}")
+
+    @classmethod
+    def from_xml(cls, data: bytes) -> "OpaquePayload":
+        """Parse (safely) a ``<payload xmlns="TYPE">…</payload>`` document."""
+        try:
+            element = parse_xml(data, max_bytes=MAX_EVENT_BYTES, max_depth=MAX_EVENT_DEPTH - 2, what="payload")
+        except XmlSafetyError as exc:
+            raise EventError(str(exc)) from None
+        return _opaque_from_element(element)
+
+    def element(self):
+        """The payload as an lxml element (parsed again, safely)."""
+        return parse_xml(self.xml, max_bytes=MAX_EVENT_BYTES, what="payload")
+
+
+Payload = Union[AttributePayload, LeasePayload, OpaquePayload]
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One PsEPR event.  Fields are validated on construction."""
+
+    channel: str
+    payload: Payload
+    to_service: str | None = None
+    to_instance: str | None = None
+    from_service: str | None = None
+    from_instance: str | None = None
+
+    def __post_init__(self):
+        try:
+            validate_channel(self.channel)
+        except ChannelError as exc:
+            raise EventError(str(exc)) from None
+        if not isinstance(self.payload, (AttributePayload, LeasePayload, OpaquePayload)):
+            raise EventError(f"payload must be an attribute, lease or opaque payload, not {type(self.payload).__name__}")
+        _check_name("to/service", self.to_service)
+        _check_name("to/instance", self.to_instance)
+        _check_name("from/service", self.from_service)
+        _check_name("from/instance", self.from_instance)
+
+    @property
+    def payload_type(self) -> str:
+        return self.payload.namespace
+
+    @classmethod
+    def attribute(cls, channel: str, field: str, value: str, *, expire: int | None = None, **addressing) -> "Event":
+        """Shortcut for the common case: an attribute event."""
+        return cls(channel, AttributePayload(field, value, expire), **addressing)
+
+
+# ---------------------------------------------------------------- parsing
+
+def parse_event(data: bytes, *, max_bytes: int = MAX_EVENT_BYTES) -> Event:
+    """Parse an ``<event>`` document, or a ``<message>`` wrapping one, into an :class:`Event`."""
+    try:
+        root = parse_xml(data, max_bytes=max_bytes, max_depth=MAX_EVENT_DEPTH, what="event")
+    except XmlSafetyError as exc:
+        raise EventError(str(exc)) from None
+    return event_from_element(root)
+
+
+def event_from_element(root) -> Event:
+    """Build an :class:`Event` from an already (safely) parsed ``<event>`` or ``<message>`` element."""
+    if root.tag != _E + "event":
+        if etree.QName(root).localname != "message":
+            raise EventError(f"expected <event xmlns={EVENT_NS!r}>, found <{root.tag}>")
+        events = root.findall(_E + "event")
+        if len(events) != 1:
+            raise EventError(f"a message must carry exactly one event, found {len(events)}")
+        root = events[0]
+    to = _one(root, _E + "to", "event", required=True)
+    channel = _text(_one(to, _E + "channel", "to", required=True))
+    if channel is None:
+        raise EventError("to/channel is empty")
+    sender = _one(root, _E + "from", "event", required=False)
+    payloads = [child for child in root if isinstance(child.tag, str) and etree.QName(child).localname == "payload"]
+    if len(payloads) != 1:
+        raise EventError(f"an event must carry exactly one <payload>, found {len(payloads)}")
+    return Event(
+        channel=channel,
+        payload=_payload_from_element(payloads[0]),
+        to_service=_text(_one(to, _E + "service", "to")),
+        to_instance=_text(_one(to, _E + "instance", "to")),
+        from_service=_text(_one(sender, _E + "service", "from")) if sender is not None else None,
+        from_instance=_text(_one(sender, _E + "instance", "from")) if sender is not None else None,
+    )
+
+
+def _one(parent, tag: str, where: str, *, required: bool = False):
+    found = parent.findall(tag)
+    if len(found) > 1:
+        raise EventError(f"<{where}> has {len(found)} <{etree.QName(tag).localname}> elements; at most one is allowed")
+    if not found:
+        if required:
+            raise EventError(f"<{where}> has no <{etree.QName(tag).localname}>")
+        return None
+    return found[0]
+
+
+def _text(element) -> str | None:
+    """Stripped text of a leaf element; None when absent or empty."""
+    if element is None:
+        return None
+    if len(element):
+        raise EventError(f"<{etree.QName(element).localname}> must hold text, not elements")
+    text = (element.text or "").strip()
+    return text or None
+
+
+def _payload_from_element(payload) -> Payload:
+    namespace = etree.QName(payload).namespace
+    if not namespace or namespace == EVENT_NS:
+        raise EventError("<payload> has no namespace of its own; its namespace is its type")
+    namespace = canonical_payload_type(namespace)
+    p = "{%s}" % etree.QName(payload).namespace
+    if namespace == ATTRIBUTE_NS:
+        field = _text(_one(payload, p + "field", "payload", required=True))
+        if field is None:
+            raise EventError("attribute field is empty")
+        value_element = _one(payload, p + "value", "payload", required=True)
+        if len(value_element):
+            raise EventError("<value> must hold text, not elements")
+        expire = _int(_text(_one(payload, p + "expire", "payload")), "attribute expire")
+        return AttributePayload(field, value_element.text or "", expire)
+    if namespace == LEASE_NS:
+        identifier = _text(_one(payload, p + "identifier", "payload", required=True))
+        if identifier is None:
+            raise EventError("lease identifier is empty")
+        duration = _int(_text(_one(payload, p + "duration", "payload", required=True)), "lease duration")
+        if duration is None:
+            raise EventError("lease duration is empty")
+        op = _text(_one(payload, p + "op", "payload")) or "register"
+        return LeasePayload(identifier, duration, op)
+    return _opaque_from_element(payload)
+
+
+def _opaque_from_element(element) -> OpaquePayload:
+    if etree.QName(element).localname != "payload":
+        raise EventError(f"expected a <payload> element, found <{etree.QName(element).localname}>")
+    namespace = etree.QName(element).namespace
+    if not namespace:
+        raise EventError("<payload> has no namespace; its namespace is its type")
+    if canonical_payload_type(namespace) in (ATTRIBUTE_NS, LEASE_NS):
+        raise EventError(f"payload type {namespace} has its own structure; it cannot be opaque")
+    payload = object.__new__(OpaquePayload)  # already parsed and checked: skip __post_init__'s second parse
+    object.__setattr__(payload, "namespace", namespace)
+    object.__setattr__(payload, "xml", etree.tostring(element, with_tail=False))
+    return payload
+
+
+def _int(text: str | None, what: str) -> int | None:
+    if text is None:
+        return None
+    if not text.isascii() or not text.isdigit() or len(text) > 12:
+        raise EventError(f"{what} must be a non-negative integer, not {text[:40]!r}")
+    return int(text)
+
+
+# ---------------------------------------------------------------- building
+
+def _escape(text: str) -> str:
+    """Escape text content; CR becomes a character reference so XML's newline normalisation keeps it."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("\r", "&#13;")
+
+
+def _leaf(tag: str, text: str | None) -> str:
+    return "" if text is None else f"<{tag}>{_escape(text)}</{tag}>"
+
+
+def _payload_xml(payload: Payload) -> str:
+    if isinstance(payload, AttributePayload):
+        expire = "" if payload.expire is None else f"<expire>{payload.expire}</expire>"
+        return (f'<payload xmlns="{ATTRIBUTE_NS}"><field>{_escape(payload.field)}</field>'
+                f"<value>{_escape(payload.value)}</value>{expire}</payload>")
+    if isinstance(payload, LeasePayload):
+        return (f'<payload xmlns="{LEASE_NS}"><duration>{payload.duration}</duration>'
+                f"<identifier>{_escape(payload.identifier)}</identifier><op>{payload.op}</op></payload>")
+    return payload.xml.decode("utf-8")
+
+
+def event_to_xml(event: Event) -> bytes:
+    """Serialise an event as a compact ``<event>`` document (UTF-8, no XML declaration)."""
+    sender = ""
+    if event.from_service is not None or event.from_instance is not None:
+        sender = f"<from>{_leaf('service', event.from_service)}{_leaf('instance', event.from_instance)}</from>"
+    return (
+        f'<event xmlns="{EVENT_NS}"><to><channel>{_escape(event.channel)}</channel>'
+        f"{_leaf('service', event.to_service)}{_leaf('instance', event.to_instance)}</to>"
+        f"{sender}{_payload_xml(event.payload)}</event>"
+    ).encode("utf-8")
