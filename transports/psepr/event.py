@@ -58,6 +58,8 @@ MAX_EVENT_BYTES = 1024 * 1024
 MAX_EVENT_DEPTH = 32
 #: Longest service or instance name, in characters (a DNS name is ≤ 253).
 MAX_NAME_CHARS = 255
+#: Longest payload type (a namespace URI) accepted in a lease filter.
+MAX_TYPE_CHARS = 1024
 
 _E = "{%s}" % EVENT_NS
 _XML_CHARS = re.compile("[^\u0009\u000a\u000d\u0020-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
@@ -115,11 +117,16 @@ LEASE_OPS = ("register", "unregister")
 
 @dataclass(frozen=True, slots=True)
 class LeasePayload:
-    """A lease request (or, from the router, a grant): ``identifier`` is chosen by the client."""
+    """A lease request (or, from the router, a grant): ``identifier`` is chosen by the client.
+
+    ``payload_type`` (dsmt's optional ``<type>`` element) restricts the lease
+    to events of that payload namespace; absent, the lease receives every type.
+    """
 
     identifier: str
     duration: int
     op: str = "register"
+    payload_type: str | None = None
     namespace = LEASE_NS
 
     def __post_init__(self):
@@ -130,6 +137,10 @@ class LeasePayload:
             raise EventError(f"lease duration must be a non-negative integer of seconds, not {self.duration!r}")
         if self.op not in LEASE_OPS:
             raise EventError(f"lease op must be one of {', '.join(LEASE_OPS)}, not {self.op!r}")
+        if self.payload_type is not None:
+            _check_text("lease type", self.payload_type, max_chars=MAX_TYPE_CHARS)
+            if not self.payload_type:
+                raise EventError("lease type is empty")
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,7 +293,7 @@ def _payload_from_element(payload) -> Payload:
         if duration is None:
             raise EventError("lease duration is empty")
         op = _text(_one(payload, p + "op", "payload")) or "register"
-        return LeasePayload(identifier, duration, op)
+        return LeasePayload(identifier, duration, op, _text(_one(payload, p + "type", "payload")))
     return _opaque_from_element(payload)
 
 
@@ -326,7 +337,8 @@ def _payload_xml(payload: Payload) -> str:
                 f"<value>{_escape(payload.value)}</value>{expire}</payload>")
     if isinstance(payload, LeasePayload):
         return (f'<payload xmlns="{LEASE_NS}"><duration>{payload.duration}</duration>'
-                f"<identifier>{_escape(payload.identifier)}</identifier><op>{payload.op}</op></payload>")
+                f"<identifier>{_escape(payload.identifier)}</identifier><op>{payload.op}</op>"
+                f"{_leaf('type', payload.payload_type)}</payload>")
     return payload.xml.decode("utf-8")
 
 

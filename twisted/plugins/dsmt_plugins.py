@@ -1,4 +1,21 @@
 """twistd dropin for the dsmt daemons: one ServiceMaker per daemon.
 
-``twistd --help`` lists them; ``twistd -n <name> --help`` shows each one's options.
+``twistd --help`` lists them; ``twistd -n <name> --help`` shows each one's
+options.  The makers import their modules lazily so ``twistd --help`` stays
+fast and a broken daemon cannot hide the others.
 """
+from twisted.application.service import ServiceMaker
+
+psepr_router = ServiceMaker(
+    "dsmt PsEPR router",
+    "dsmt.transports.psepr.router_service",
+    "PsEPR event router: leases, subtree routing, XMPP-style stream (default port 23345)",
+    "psepr-router",
+)
+
+pldb = ServiceMaker(
+    "dsmt PLDB",
+    "dsmt.server.pldb.daemon",
+    "PLDB: remembers the last value of every field on chosen PsEPR channels and replays it on query",
+    "pldb",
+)

@@ -40,6 +40,7 @@ def test_built_event_validates_against_the_published_xsd():
     for event in (
         Event.attribute("/a/", "f", "v", expire=5, to_service="s", to_instance="i", from_service="me"),
         Event("/a/", LeasePayload("l1", 60)),
+        Event("/a/", LeasePayload("l1", 60, "unregister", ATTRIBUTE_NS)),
         Event("/a/", OpaquePayload.from_xml(b'<payload xmlns="urn:x"><anything/></payload>')),
     ):
         assert schema.validate(etree.fromstring(event_to_xml(event))), schema.error_log
@@ -55,9 +56,9 @@ def test_attribute_round_trip(channel, field, value, expire, ts, ti, fs, fi):
 
 
 @given(st.text(alphabet="abc-_.0", min_size=1, max_size=30), st.integers(0, 10**6),
-       st.sampled_from(["register", "unregister"]))
-def test_lease_round_trip(identifier, duration, op):
-    event = Event("/x/", LeasePayload(identifier, duration, op))
+       st.sampled_from(["register", "unregister"]), st.none() | st.sampled_from([ATTRIBUTE_NS, "urn:x:y"]))
+def test_lease_round_trip(identifier, duration, op, payload_type):
+    event = Event("/x/", LeasePayload(identifier, duration, op, payload_type))
     assert parse_event(event_to_xml(event)) == event
 
 
