@@ -1,0 +1,1 @@
+"""PLDB: last-value replay of PsEPR attribute events."""
