@@ -51,10 +51,10 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from dsmt.transports.psepr.channel import validate_channel
-from dsmt.transports.psepr.event import Event, canonical_payload_type
+from dsmt.transports.psepr.event import MAX_EVENT_BYTES, Event, canonical_payload_type, event_to_xml
 
 __all__ = ["PsEPRConnection", "Lease", "Address", "PsEPRError", "ConnectFailed", "LoginFailed",
-           "LeaseRefused", "SendQueueFull", "ConnectionClosed", "parse_url", "MAX_QUEUED_SENDS",
+           "LeaseRefused", "SendQueueFull", "ConnectionClosed", "EventTooLarge", "parse_url", "MAX_QUEUED_SENDS",
            "DEFAULT_LEASE_SECONDS"]
 
 log = Logger(namespace="dsmt.psepr.client")
@@ -99,6 +99,10 @@ class SendQueueFull(PsEPRError):
 
 class ConnectionClosed(PsEPRError):
     """The connection was closed by its owner."""
+
+
+class EventTooLarge(PsEPRError, ValueError):
+    """The event's XML is larger than PsEPR carries (:data:`MAX_EVENT_BYTES`) or the server accepts."""
 
 
 @dataclass(frozen=True)
@@ -235,7 +239,7 @@ class PsEPRConnection:
         self.leases: dict[str, Lease] = {}
         self.sent = 0
         self.received = 0
-        self._queue: list[Event] = []
+        self._queue: list[tuple[Event, bytes]] = []
         self._closed = False
         self._rng = rng or random.Random()
         self._ids = (f"{secrets.token_hex(4)}-{n}" for n in itertools.count(1))
@@ -299,8 +303,11 @@ class PsEPRConnection:
             lease._attempts = 0
             self._request(lease)
         queued, self._queue = self._queue, []
-        for event in queued:
-            self._send_now(event)
+        for event, xml in queued:
+            try:
+                self._send_now(event, xml)
+            except PsEPRError as exc:  # e.g. over this server's own max_payload: that event only
+                log.warn("queued event on {channel} not sent: {error}", channel=event.channel, error=exc)
         waiters, self._connected_waiters = self._connected_waiters, []
         for waiter in waiters:
             waiter.callback(self)
@@ -346,6 +353,7 @@ class PsEPRConnection:
             return
         log.info("connection lost ({reason}); reconnecting", reason=reason)
         self._keep_trying = True
+        self._address_index = (self._address_index + 1) % len(self.addresses)  # fail over first
         self._schedule_reconnect(len(self.addresses))
 
     def link_event(self, event: Event, identifier: str | None = None) -> None:
@@ -398,16 +406,20 @@ class PsEPRConnection:
             raise TypeError(f"send() takes an Event, not {type(event).__name__}")
         if event.from_service is None and event.from_instance is None:
             event = dataclasses.replace(event, from_service=self.service, from_instance=self.instance)
+        xml = event_to_xml(event)
+        if len(xml) > MAX_EVENT_BYTES:
+            raise EventTooLarge(f"event on {event.channel} is {len(xml)} bytes of XML; PsEPR carries at most "
+                                f"{MAX_EVENT_BYTES}; not sent")
         if self.link is None:
             if len(self._queue) >= self.max_queued_sends:
                 raise SendQueueFull(f"disconnected and {len(self._queue)} events already queued")
-            self._queue.append(event)
+            self._queue.append((event, xml))
             return
-        self._send_now(event)
+        self._send_now(event, xml)
 
-    def _send_now(self, event: Event) -> None:
+    def _send_now(self, event: Event, xml: bytes) -> None:
+        self.link.send(event, xml)
         self.sent += 1
-        self.link.send(event)
 
     def flush(self) -> Deferred:
         """Fires once everything sent so far has been processed by the router (a round trip).

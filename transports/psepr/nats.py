@@ -231,14 +231,20 @@ class NatsParser:
     tracked by an offset and dropped once per :meth:`feed`, and payload bytes
     are never rescanned.
 
-    ``max_payload`` starts at *max_payload* and follows the server's ``INFO``
-    (capped at :data:`MAX_PAYLOAD_CEILING`).  Any malformed, oversized or
+    ``max_payload`` starts at *max_payload* and, with *follow_info*, follows
+    the server's ``INFO`` (capped at :data:`MAX_PAYLOAD_CEILING`).  A client
+    in a cluster must not follow it: a node forwards messages accepted by
+    peers configured with a larger ``max_payload``, so
+    :class:`NatsClientProtocol` receives up to the ceiling and lets the layer
+    above refuse what it considers too large.  Any malformed, oversized or
     unknown input raises :class:`NatsProtocolError`; after that the parser is
     spent and every later :meth:`feed` raises too.
     """
 
-    def __init__(self, max_payload: int = DEFAULT_MAX_PAYLOAD, max_control_line: int = MAX_CONTROL_LINE):
+    def __init__(self, max_payload: int = DEFAULT_MAX_PAYLOAD, max_control_line: int = MAX_CONTROL_LINE,
+                 follow_info: bool = True):
         self.max_payload = max_payload
+        self.follow_info = follow_info
         self.max_control_line = max_control_line
         self._buffer = bytearray()
         self._offset = 0
@@ -339,7 +345,8 @@ class NatsParser:
             advertised = options["max_payload"]
             if type(advertised) is not int or advertised <= 0:
                 raise NatsProtocolError(f"INFO max_payload {advertised!r} is not a positive integer")
-            self.max_payload = min(advertised, MAX_PAYLOAD_CEILING)
+            if self.follow_info:
+                self.max_payload = min(advertised, MAX_PAYLOAD_CEILING)
         return Info(options)
 
 
@@ -473,7 +480,7 @@ class NatsClientProtocol(Protocol):
         self.ready: Deferred[NatsClientProtocol] = Deferred(canceller=self._abort)
         #: The latest ``INFO`` options; ``None`` until the first arrives.
         self.server_info: dict | None = None
-        self._parser = NatsParser()
+        self._parser = NatsParser(max_payload=MAX_PAYLOAD_CEILING, follow_info=False)
         self._pongs: deque[Deferred[None]] = deque()
         self._subscribers: dict[str, Subscriber] = {}
         self._sids = itertools.count(1)

@@ -6,7 +6,8 @@ import pytest
 from twisted.internet import defer, task
 
 from dsmt.transports.psepr.client import (
-    BACKOFF_MAX, LEASE_RETRIES, LEASE_RETRY_SECONDS, ConnectFailed, ConnectionClosed, LeaseRefused,
+    BACKOFF_MAX, LEASE_RETRIES, LEASE_RETRY_SECONDS, ConnectFailed, ConnectionClosed, EventTooLarge,
+    LeaseRefused,
     LoginFailed, PsEPRConnection, SendQueueFull, parse_url)
 from dsmt.transports.psepr.event import ATTRIBUTE_NS, Event, OpaquePayload
 
@@ -19,7 +20,7 @@ class FakeLink:
         self.released = []
         self.closed = False
 
-    def send(self, event):
+    def send(self, event, xml):
         self.sent.append(event)
 
     def request_lease(self, identifier, channel, seconds, payload_type):
@@ -228,8 +229,8 @@ def test_reconnect_releases_everything_in_order_with_backoff_and_failover(clock,
     assert delays[0] <= 0.55 and delays[-1] >= BACKOFF_MAX / 2 - 0.1
     assert all(d <= BACKOFF_MAX + 0.05 for d in delays)
     addresses = [str(address) for address, _, _ in backend.attempts]
-    # the router that worked is tried again first, then the list in turn
-    assert addresses[:5] == ["psepr://a:1", "psepr://a:1", "psepr://b:2", "psepr://a:1", "psepr://b:2"]
+    # after a loss the next router is tried first (failover), then the list in turn
+    assert addresses[:5] == ["psepr://a:1", "psepr://b:2", "psepr://a:1", "psepr://b:2", "psepr://a:1"]
     clock.advance(BACKOFF_MAX)
     new_link = backend.up()
     assert new_link.requests[0][:2] == (lease.identifier, "/a/")  # lease re-registered first ...
@@ -267,6 +268,34 @@ def test_close_stops_everything(clock, backend):
         conn.send(attr("/a/"))
     with pytest.raises(ConnectionClosed):
         conn.lease("/a/")
+
+
+def test_oversized_events_are_refused_before_queueing(clock, backend):
+    conn = make(clock, backend)
+    with pytest.raises(EventTooLarge, match="at most 1048576"):
+        conn.send(attr("/a/", "x" * (1024 * 1024)))
+    assert conn.queued == 0
+
+
+def test_a_queued_event_the_new_server_refuses_does_not_stop_the_others(clock, backend):
+    conn = make(clock, backend)
+    conn.send(attr("/a/", "big"))
+    conn.send(attr("/a/", "small"))
+    conn.connect()
+    address, handler, d = backend.attempts[-1]
+    link = FakeLink(handler)
+    original = link.send
+
+    def picky(event, xml):
+        if event.payload.value == "big":
+            raise EventTooLarge("over this server's max_payload")
+        original(event, xml)
+
+    link.send = picky
+    connected = []
+    d.addCallback(connected.append)
+    d.callback(link)
+    assert [e.payload.value for e in link.sent] == ["small"] and connected
 
 
 def test_bad_arguments(clock, backend):
