@@ -16,6 +16,18 @@ PASSWORD = "correct horse"
 _ACCOUNTS_TEXT = None
 
 
+_ACCOUNTS = None
+
+
+def shared_accounts() -> Accounts:
+    """One :class:`Accounts` for every router of the run: it remembers verified logins, so each
+    user costs one scrypt per test run instead of one per test."""
+    global _ACCOUNTS
+    if _ACCOUNTS is None:
+        _ACCOUNTS = Accounts.parse(accounts_text())
+    return _ACCOUNTS
+
+
 def accounts_text() -> str:
     """An accounts file for :data:`USERS` (hashed once per test run: scrypt is deliberately slow)."""
     global _ACCOUNTS_TEXT
@@ -36,7 +48,7 @@ class RouterHarness:
         self._port_number = 0
 
     def start(self):
-        self.factory = RouterFactory(accounts=Accounts.parse(accounts_text()), **self.factory_options)
+        self.factory = RouterFactory(accounts=shared_accounts(), **self.factory_options)
         self.port = reactor.listenTCP(self._port_number, self.factory, interface="127.0.0.1")
         self._port_number = self.port.getHost().port
         return defer.succeed(self)
@@ -57,7 +69,6 @@ class RouterHarness:
             self.port = None
             for session in list(self.factory.core.sessions):
                 session.close()
-            self.factory.doStop()
 
 
 class NatsHarness:

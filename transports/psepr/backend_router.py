@@ -60,7 +60,10 @@ class RouterLinkProtocol(protocol.Protocol):
         for item in items:
             if isinstance(item, stream.Stanza):
                 if item.name == stream.STREAM_ERROR_NAME:
-                    condition, text = stream.parse_stream_error(item.raw)
+                    try:
+                        condition, text = stream.parse_stream_error(item.raw)
+                    except stream.StreamError as exc:
+                        condition, text = "unreadable stream error", exc.text
                     self._fail(f"router ended the stream: {condition}: {text}")
                 else:
                     self._stanza(item)
@@ -136,8 +139,8 @@ class RouterLinkProtocol(protocol.Protocol):
             self.transport.loseConnection()
 
     # link API ------------------------------------------------------------------
-    def send(self, event: Event) -> None:
-        self.transport.write(stream.wrap_message(event_to_xml(event)))
+    def send(self, event: Event, xml: bytes | None = None) -> None:
+        self.transport.write(stream.wrap_message(xml if xml is not None else event_to_xml(event)))
 
     def request_lease(self, identifier: str, channel: str, seconds: int, payload_type: str | None) -> None:
         self.send(Event(channel, LeasePayload(identifier, seconds, "register", payload_type),

@@ -21,19 +21,22 @@ Layers:
 
 Slow consumers: a connection whose socket stops draining is paused by Twisted
 (producer API); what the router writes to it while paused is counted, and once
-that passes ``max_output_buffer`` bytes the connection is closed with a
-``policy-violation`` stream error and a log line.  Memory per connection is
-bounded by Twisted's high-water mark plus that limit.
+that passes ``max_output_buffer`` bytes the connection is aborted (its backlog
+discarded; a stream error would only queue behind it), its leases released,
+and a log line written.  Memory per connection is bounded by Twisted's
+high-water mark plus that limit.  Note the limit is on bytes written while
+paused, so a burst larger than both to one client in one reactor turn drops
+even a client that reads.
 """
 from __future__ import annotations
 
 import functools
 import os
 import secrets
-from dataclasses import dataclass, field as dc_field
+from dataclasses import dataclass
 from typing import Callable
 
-from twisted.internet import defer, protocol, task, threads
+from twisted.internet import protocol, task, threads
 from twisted.logger import Logger
 from zope.interface import implementer
 from twisted.internet.interfaces import IPushProducer
@@ -42,11 +45,12 @@ from dsmt.transports.psepr import stream
 from dsmt.transports.psepr.accounts import Accounts
 from dsmt.transports.psepr.channel import ChannelError, validate_channel
 from dsmt.transports.psepr.event import (
-    ATTRIBUTE_NS, LEASE_NS, EventError, Event, LeasePayload, event_to_xml, parse_event)
-from dsmt.transports.psepr.leasetable import DEFAULT_MAX_LEASE_SECONDS, LeaseError, LeaseTable
+    ATTRIBUTE_NS, EVENT_NS, LEASE_NS, AttributePayload, EventError, Event, LeasePayload, event_to_xml, parse_event)
+from dsmt.transports.psepr.leasetable import (
+    DEFAULT_MAX_LEASE_SECONDS, MAX_LEASES_PER_HOLDER, LeaseError, LeaseTable)
 
 __all__ = ["RouterCore", "RouterSession", "RouterFactory", "RouterProtocol", "DEFAULT_PORT",
-           "ROUTER_SERVICE", "STATS_CHANNEL"]
+           "ROUTER_SERVICE", "STATS_CHANNEL", "MAX_LOGIN_ATTEMPTS", "MAX_PENDING_STANZAS", "check_router_name"]
 
 log = Logger(namespace="dsmt.psepr.router")
 
@@ -66,6 +70,11 @@ LOGIN_TIMEOUT = 30
 #: Stanzas a session holds while its login is being checked (the check runs in
 #: a thread, ~30 ms); a client that floods before the answer is cut off.
 MAX_PENDING_STANZAS = 64
+#: Refused logins one connection may try before its stream is ended.  A real
+#: client tries once; each try costs a scrypt (~0.2 s of CPU in the thread
+#: pool), so unlimited tries would let one connection keep a thread busy for
+#: the whole login timeout, guessing passwords.
+MAX_LOGIN_ATTEMPTS = 3
 #: Longest error text echoed back to a client (keeps replies small).
 MAX_ERROR_TEXT = 300
 
@@ -99,20 +108,33 @@ class Counters:
         return dict(self.__dict__)
 
 
+def check_router_name(name: str) -> str:
+    """Return ``name`` if the router can write it as the instance of its own events, else raise ValueError."""
+    try:
+        Event(STATS_CHANNEL, AttributePayload("name", "x"), from_instance=name)
+    except EventError as exc:
+        raise ValueError(f"router name {name!r} cannot be the instance of its events: {exc}") from None
+    return name
+
+
 class RouterCore:
     """Lease table, live sessions and counters of one router; no I/O.
 
     ``check_login(name, password, done)`` decides logins and calls
     ``done(bool)``, now or later (the Twisted adapter runs the password hash
     in a thread).  ``None`` accounts means anyone may log in (only with the
-    router's explicit ``--allow-anonymous``).
+    router's explicit ``--allow-anonymous``).  ``name`` is the instance the
+    router writes in its own events (grants, statistics), so it must be a valid
+    instance name (ValueError otherwise).
     """
 
     def __init__(self, *, accounts: Accounts | None, clock: Callable[[], float],
                  max_lease: int = DEFAULT_MAX_LEASE_SECONDS, name: str = "psepr",
-                 check_login: Callable[[str, str, Callable[[bool], None]], None] | None = None):
+                 check_login: Callable[[str, str, Callable[[bool], None]], None] | None = None,
+                 max_leases_per_holder: int = MAX_LEASES_PER_HOLDER):
+        check_router_name(name)
         self.accounts = accounts
-        self.leases = LeaseTable(clock=clock, max_duration=max_lease)
+        self.leases = LeaseTable(clock=clock, max_duration=max_lease, max_leases_per_holder=max_leases_per_holder)
         self.name = name
         self.counters = Counters()
         self.sessions: set[RouterSession] = set()
@@ -156,22 +178,32 @@ class RouterSession:
     """One client's stream: header → login → open → closed.
 
     ``send(bytes)`` writes to this client; ``close()`` drops the connection
-    after what was sent.  Errors in the stream end it with a stream error;
-    errors in a single event are answered with an error message and the
-    stream goes on.
+    after what was sent; ``opened()``, if given, is called once the login
+    succeeded (the adapter stops its login timer).  Errors in the stream end
+    it with a stream error; errors in a single event are answered with an
+    error message and the stream goes on.
+
+    Until the login succeeds nothing but ``jabber:iq:auth`` iqs is accepted.
+    While a login is being checked, what arrives is queued (at most
+    :data:`MAX_PENDING_STANZAS`) and handled once the answer is in, in order;
+    a queued second login attempt holds back everything behind it in turn.
+    After :data:`MAX_LOGIN_ATTEMPTS` refused logins the stream is ended.
     """
 
     AWAIT_HEADER, AWAIT_LOGIN, CHECKING, OPEN, CLOSED = "await-header", "await-login", "checking", "open", "closed"
 
-    def __init__(self, core: RouterCore, send: Callable[[bytes], None], close: Callable[[], None]):
+    def __init__(self, core: RouterCore, send: Callable[[bytes], None], close: Callable[[], None],
+                 opened: Callable[[], None] | None = None):
         self.core = core
         self._send = send
         self._close = close
+        self._opened = opened
         self.parser = stream.StreamParser()
         self.state = self.AWAIT_HEADER
         self.username: str | None = None
         self.resource: str | None = None
         self._pending: list = []
+        self._refused_logins = 0
         core.sessions.add(self)
         core.counters.connections += 1
         core.counters.connections_total += 1
@@ -188,9 +220,7 @@ class RouterSession:
         try:
             items = self.parser.feed(data)
         except stream.StreamError as exc:
-            self.core.counters.protocol_errors += 1
-            log.info("closing {session}: {condition}: {text}", session=self, condition=exc.condition, text=exc.text)
-            self.fail(exc.condition, exc.text)
+            self._protocol_error(exc)
             return
         for item in items:
             if self.state == self.CLOSED:
@@ -218,21 +248,22 @@ class RouterSession:
         # presence and other stanzas carry nothing for PsEPR: ignored
 
     def _login(self, stanza) -> None:
-        if stanza.name != "iq":
-            self.core.counters.login_failures += 1
-            self.fail("not-authorized", f"log in (jabber:iq:auth) before sending <{stanza.name}>")
-            return
         try:
-            request = stream.parse_auth(stanza.raw)
+            if stanza.name == "iq" and stream.parse_iq(stanza.raw).child_namespace == stream.NS_AUTH:
+                request = stream.parse_auth(stanza.raw)
+            else:
+                self.core.counters.login_failures += 1
+                what = "an iq of another kind" if stanza.name == "iq" else f"<{stanza.name}>"
+                self.fail("not-authorized", f"log in (jabber:iq:auth) before sending {what}")
+                return
         except stream.StreamError as exc:
-            self.fail(exc.condition, exc.text)
+            self._protocol_error(exc)
             return
         if request.kind == "get":
             self._send(stream.auth_fields_result(request.iq_id))
             return
         if not request.username or request.password is None:
-            self._send(stream.auth_error(request.iq_id))
-            self.core.counters.login_failures += 1
+            self._refuse_login(request)
             return
         self.state = self.CHECKING
         self.core.check_login(request.username, request.password,
@@ -242,29 +273,40 @@ class RouterSession:
         if self.state != self.CHECKING:
             return  # connection went away meanwhile
         if not ok:
-            self.core.counters.login_failures += 1
             log.info("login refused for {name!r}", name=request.username)
-            self._send(stream.auth_error(request.iq_id))
             self.state = self.AWAIT_LOGIN
+            self._refuse_login(request)
         else:
             self.username, self.resource = request.username, request.resource or None
             self._send(stream.auth_result(request.iq_id))
             self.state = self.OPEN
+            if self._opened is not None:
+                self._opened()
         pending, self._pending = self._pending, []
-        for item in pending:
+        for index, item in enumerate(pending):
             if self.state == self.CLOSED:
                 return
-            if self.state == self.AWAIT_LOGIN and not isinstance(item, (stream.StreamClosed,)):
-                self._login(item)
-            else:
-                self._handle(item)
+            if self.state == self.CHECKING:
+                # A queued login attempt is being checked now: what follows it
+                # waits for that answer too (else it would be handled unauthenticated).
+                self._pending = pending[index:] + self._pending
+                return
+            self._handle(item)
+
+    def _refuse_login(self, request) -> None:
+        """Answer a refused login; the last allowed one also ends the stream."""
+        self.core.counters.login_failures += 1
+        self._refused_logins += 1
+        self._send(stream.auth_error(request.iq_id))
+        if self._refused_logins >= MAX_LOGIN_ATTEMPTS:
+            self.fail("not-authorized", f"{self._refused_logins} logins refused")
 
     def _iq_when_open(self, stanza) -> None:
         """Answer pings (a client's flush barrier); refuse every other iq."""
         try:
             iq = stream.parse_iq(stanza.raw)
         except stream.StreamError as exc:
-            self.fail(exc.condition, exc.text)
+            self._protocol_error(exc)
             return
         if iq.kind == "get" and iq.child_namespace == stream.NS_PING:
             self._send(stream.auth_result(iq.iq_id))  # an empty iq result
@@ -283,6 +325,10 @@ class RouterSession:
         if problem:
             counters.rejected += 1
             self._reply_error(problem)
+            return
+        if header.payload_type in (None, EVENT_NS):  # receivers could not read it (parse_event refuses it)
+            counters.rejected += 1
+            self._reply_error("event has no <payload> in a namespace of its own (its type)")
             return
         if header.payload_type == LEASE_NS:
             self._lease(stanza.raw)
@@ -324,20 +370,30 @@ class RouterSession:
         if self.state == self.OPEN:
             self._send(raw)
 
+    def _protocol_error(self, exc: stream.StreamError) -> None:
+        """The client broke the stream's rules: count it, log it, end the stream."""
+        self.core.counters.protocol_errors += 1
+        log.info("closing {session}: {condition}: {text}", session=self, condition=exc.condition, text=exc.text)
+        self.fail(exc.condition, exc.text)
+
     def fail(self, condition: str, text: str) -> None:
-        """End the stream with a stream error."""
+        """End the stream with a stream error (which carries the stream's close)."""
         if self.state == self.CLOSED:
             return
         if self.state == self.AWAIT_HEADER:
             self._send(stream.stream_header(sender=self.core.name, stream_id=secrets.token_hex(8)))
         self._send(stream.stream_error(condition, text[:MAX_ERROR_TEXT]))
-        self.close()
+        self._end()
 
     def close(self) -> None:
+        """End the stream normally: close it (if it was opened) and drop the connection."""
         if self.state == self.CLOSED:
             return
         if self.state != self.AWAIT_HEADER:
             self._send(stream.STREAM_CLOSE)
+        self._end()
+
+    def _end(self) -> None:
         self.connection_lost()
         self._close()
 
@@ -356,47 +412,80 @@ class RouterSession:
 
 @implementer(IPushProducer)
 class RouterProtocol(protocol.Protocol):
-    """Thin adapter: socket ↔ :class:`RouterSession`, with the slow-consumer policy."""
+    """Thin adapter: socket ↔ :class:`RouterSession`, with the slow-consumer policy.
+
+    The protocol is the streaming producer of its own transport: Twisted calls
+    :meth:`pauseProducing` when more than its buffer size (64 KiB) waits to be
+    sent and :meth:`resumeProducing` once everything went out.
+    """
 
     session: RouterSession | None = None
+    _login_timer = None
 
     def connectionMade(self):
         factory = self.factory
         self.transport.setTcpNoDelay(True)
         self._paused = False
         self._written_while_paused = 0
+        self._dropping = False
         self.transport.registerProducer(self, True)
-        self.session = RouterSession(factory.core, self._write, self.transport.loseConnection)
-        self._login_timer = factory.reactor.callLater(factory.login_timeout, self._login_timed_out)
+        self.session = RouterSession(factory.core, self._write, self._close, opened=self._cancel_login_timer)
+        self._login_timer = factory.clock.callLater(factory.login_timeout, self._login_timed_out)
 
     def dataReceived(self, data):
         self.session.data_received(data)
-        if self.session.state == RouterSession.OPEN and self._login_timer.active():
-            self._login_timer.cancel()
 
     def connectionLost(self, reason):
-        if self._login_timer.active():
-            self._login_timer.cancel()
+        self._cancel_login_timer()
         if self.session is not None:
             self.session.connection_lost()
 
+    def _cancel_login_timer(self):
+        if self._login_timer is not None and self._login_timer.active():
+            self._login_timer.cancel()
+        self._login_timer = None
+
     def _login_timed_out(self):
+        self._login_timer = None
         self.session.fail("connection-timeout", f"no login within {self.factory.login_timeout} seconds")
 
+    def _close(self) -> None:
+        """The session is over: send what is buffered, then close.
+
+        The producer is unregistered first: Twisted does not close a
+        connection whose streaming producer is paused once the buffer drains
+        (it resumes the producer instead), so a session ending while its
+        client lagged would otherwise keep its socket open for ever.
+        """
+        self._cancel_login_timer()
+        self.transport.unregisterProducer()
+        self.transport.loseConnection()
+
     def _write(self, data: bytes) -> None:
+        if self._dropping:
+            return  # being aborted: nothing more goes out
         core = self.factory.core
         core.counters.bytes_out += len(data)
         if self._paused:
             self._written_while_paused += len(data)
             if self._written_while_paused > self.factory.max_output_buffer:
-                core.counters.slow_consumer_drops += 1
-                log.warn("disconnecting slow consumer {session}: over {limit} bytes unread",
-                         session=self.session, limit=self.factory.max_output_buffer)
-                self._paused = False  # let the stream error itself through
-                self.session.fail("policy-violation", "slow consumer: output buffer limit exceeded")
-                self.transport.abortConnection()
+                self._drop_slow_consumer()
                 return
         self.transport.write(data)
+
+    def _drop_slow_consumer(self) -> None:
+        """Abort a connection whose client stopped reading; its leases go with it.
+
+        The connection is aborted rather than closed: closing would first try
+        to send the backlog the client is not reading.  For the same reason no
+        stream error is sent (it would sit behind that backlog).
+        """
+        self._dropping = True
+        self.factory.core.counters.slow_consumer_drops += 1
+        log.warn("disconnecting slow consumer {session}: over {limit} bytes unread",
+                 session=self.session, limit=self.factory.max_output_buffer)
+        self.session.fail("policy-violation", "slow consumer: output buffer limit exceeded")
+        self.transport.abortConnection()
 
     # IPushProducer: the transport tells us when its buffer is full / drained.
     def pauseProducing(self):
@@ -411,21 +500,31 @@ class RouterProtocol(protocol.Protocol):
 
 
 class RouterFactory(protocol.Factory):
+    """Builds :class:`RouterProtocol`s around one :class:`RouterCore` (``self.core``).
+
+    ``reactor`` runs the login checks in its thread pool; ``clock`` (default:
+    the reactor) times the login timeout, the expiry reaper and the lease
+    table, so tests can drive time with a :class:`twisted.internet.task.Clock`
+    while the sockets stay real.
+    """
+
     protocol = RouterProtocol
 
-    def __init__(self, *, accounts: Accounts | None, reactor=None, max_lease: int = DEFAULT_MAX_LEASE_SECONDS,
-                 max_output_buffer: int = DEFAULT_MAX_OUTPUT_BUFFER, login_timeout: float = LOGIN_TIMEOUT,
-                 name: str | None = None, check_logins_in_thread: bool = True):
+    def __init__(self, *, accounts: Accounts | None, reactor=None, clock=None,
+                 max_lease: int = DEFAULT_MAX_LEASE_SECONDS, max_output_buffer: int = DEFAULT_MAX_OUTPUT_BUFFER,
+                 login_timeout: float = LOGIN_TIMEOUT, name: str | None = None,
+                 check_logins_in_thread: bool = True, max_leases_per_holder: int = MAX_LEASES_PER_HOLDER):
         if reactor is None:
             from twisted.internet import reactor
         self.reactor = reactor
+        self.clock = clock if clock is not None else reactor
         self.max_output_buffer = max_output_buffer
         self.login_timeout = login_timeout
-        self.core = RouterCore(accounts=accounts, clock=reactor.seconds, max_lease=max_lease,
-                               name=name or os.uname().nodename,
+        self.core = RouterCore(accounts=accounts, clock=self.clock.seconds, max_lease=max_lease,
+                               name=name or os.uname().nodename, max_leases_per_holder=max_leases_per_holder,
                                check_login=self._check_login_in_thread if check_logins_in_thread else None)
         self._reaper = task.LoopingCall(self.core.leases.expire)
-        self._reaper.clock = reactor
+        self._reaper.clock = self.clock
 
     def _check_login_in_thread(self, name, password, done):
         accounts = self.core.accounts

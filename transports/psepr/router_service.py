@@ -21,7 +21,8 @@ from twisted.python import usage
 
 from dsmt.transports.psepr.accounts import Accounts, AccountsError
 from dsmt.transports.psepr.leasetable import DEFAULT_MAX_LEASE_SECONDS
-from dsmt.transports.psepr.router import DEFAULT_MAX_OUTPUT_BUFFER, DEFAULT_PORT, RouterFactory
+from dsmt.transports.psepr.router import (
+    DEFAULT_MAX_OUTPUT_BUFFER, DEFAULT_PORT, LOGIN_TIMEOUT, RouterFactory, check_router_name)
 
 log = Logger(namespace="dsmt.psepr.router")
 
@@ -35,6 +36,7 @@ class Options(usage.Options):
         ["max-output-buffer", None, DEFAULT_MAX_OUTPUT_BUFFER,
          "bytes a client may leave unread before it is disconnected as a slow consumer", int],
         ["stats-interval", None, 10.0, "seconds between counter reports (0: never)", float],
+        ["login-timeout", None, float(LOGIN_TIMEOUT), "seconds a new connection has to log in", float],
         ["name", None, os.uname().nodename, "router name (instance in the events it writes)"],
     ]
     optFlags = [["allow-anonymous", None, "accept any login (no accounts file); for local experiments only"]]
@@ -61,11 +63,20 @@ class Options(usage.Options):
             self["accounts-loaded"] = None
         if self["max-lease"] < 1:
             raise usage.UsageError("--max-lease must be at least 1 second")
+        if self["max-output-buffer"] < 1:
+            raise usage.UsageError("--max-output-buffer must be at least 1 byte")
+        if not self["login-timeout"] > 0:
+            raise usage.UsageError("--login-timeout must be more than 0 seconds")
+        try:
+            check_router_name(self["name"])
+        except ValueError as exc:
+            raise usage.UsageError(f"--name: {exc}")
 
 
 def makeService(options) -> service.Service:
     factory = RouterFactory(accounts=options["accounts-loaded"], max_lease=options["max-lease"],
-                            max_output_buffer=options["max-output-buffer"], name=options["name"])
+                            max_output_buffer=options["max-output-buffer"], name=options["name"],
+                            login_timeout=options["login-timeout"])
     top = service.MultiService()
     for description in options["listen"]:
         strports.service(description, factory).setServiceParent(top)

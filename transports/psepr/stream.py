@@ -651,8 +651,16 @@ def parse_error_message(raw_message: bytes):
 
 
 def parse_stream_error(raw_error: bytes) -> tuple[str, str]:
-    """``(condition, text)`` of a peer's ``<stream:error>``."""
-    error = _parse_control(raw_error, "stream error")
+    """``(condition, text)`` of a peer's ``<stream:error>``, as :class:`StreamParser` cut it.
+
+    The ``stream:`` prefix is declared on the stream header, not on the cut
+    stanza, so it is read inside a wrapper that declares it.
+    """
+    wrapped = _parse_control(f'<w xmlns:stream="{NS_STREAMS}">'.encode("ascii") + raw_error + b"</w>",
+                             "stream error")
+    if len(wrapped) != 1 or wrapped[0].tag != STREAM_ERROR_NAME:
+        raise StreamError("bad-format", "expected one <stream:error>")
+    error = wrapped[0]
     condition, text = "undefined-condition", ""
     for child in error:
         if not isinstance(child.tag, str) or not child.tag.startswith("{%s}" % NS_STREAM_ERRORS):

@@ -303,9 +303,9 @@ def test_stream_error_round_trip():
     items = collect([stream.stream_header(sender="psepr", stream_id="1") + raw])
     assert items[1].name == f"{{{NS_STREAMS}}}error"
     assert items[2] == StreamClosed()
-    error = etree.fromstring(b"<s xmlns:stream='http://etherx.jabber.org/streams'>" + items[1].raw + b"</s>")[0]
-    assert error[0].tag == "{urn:ietf:params:xml:ns:xmpp-streams}policy-violation"
-    assert error[1].text == "stanza <too> big & bad"
+    assert stream.parse_stream_error(items[1].raw) == ("policy-violation", "stanza <too> big & bad")
+    with pytest.raises(StreamError, match="expected one"):
+        stream.parse_stream_error(b"<iq/>")
     with pytest.raises(ValueError):
         stream.stream_error("no-such-condition", "x")
 
