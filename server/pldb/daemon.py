@@ -20,7 +20,7 @@ from twisted.application import service
 from twisted.logger import Logger
 from twisted.python import usage
 
-from dsmt.transports.psepr.client import PsEPRConnection
+from dsmt.transports.psepr.client import ConnectionClosed, PsEPRConnection
 from dsmt.transports.psepr.event import ATTRIBUTE_NS, Event, EventError
 from dsmt.transports.psepr.pldbwire import PLDBGET_NS, PldbAttr, parse_query, reply_parts
 from dsmt.server.pldb.store import PldbStore
@@ -53,8 +53,11 @@ class PldbService(service.Service):
             self.leases.append(self.connection.lease(channel, LEASE_SECONDS, ATTRIBUTE_NS, callback=self.record))
         self.leases.append(self.connection.lease(self.query_channel, LEASE_SECONDS, PLDBGET_NS,
                                                  callback=self.answer))
-        self.connection.connect(retry=True).addErrback(
-            lambda failure: log.error("PLDB cannot connect: {error}", error=failure.getErrorMessage()))
+        self.connection.connect(retry=True).addErrback(self._not_connected)
+
+    def _not_connected(self, failure) -> None:
+        if not failure.check(ConnectionClosed):  # closed: we are stopping, nothing to report
+            log.error("PLDB cannot connect: {error}", error=failure.getErrorMessage())
 
     def stopService(self):
         self.connection.close()

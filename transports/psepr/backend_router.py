@@ -175,7 +175,9 @@ def connect(reactor, address, handler) -> defer.Deferred:
     """Open a link to ``address``; fires with it once logged in."""
     endpoint = HostnameEndpoint(reactor, address.host, address.port, timeout=CONNECT_TIMEOUT)
     link_protocol = RouterLinkProtocol(handler, address)
-    d = endpoint.connect(protocol.Factory.forProtocol(lambda: link_protocol))
+    factory = protocol.Factory.forProtocol(lambda: link_protocol)
+    factory.noisy = False  # one "Starting factory" line per reconnect attempt helps nobody
+    d = endpoint.connect(factory)
 
     def connected(_):
         timer = reactor.callLater(CONNECT_TIMEOUT, link_protocol._fail, "no answer to the login")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,32 +22,17 @@ from twisted.trial import unittest
 
 from dsmt.transports.psepr.client import PsEPRConnection
 from dsmt.transports.psepr.event import Event
+from tests.support.processes import TWISTD, child_environment, free_port
 from tests.support.psepr import PASSWORD, Collector, accounts_text
 
-TWISTD = Path(sys.executable).parent / "twistd"
 #: Seconds a twistd that only parses its options may take (it exits at once).
 QUICK = 30
 
 
-def _environment() -> dict[str, str]:
-    """This process's environment with PYTHONPATH made absolute (children run elsewhere)."""
-    env = dict(os.environ)
-    if env.get("PYTHONPATH"):
-        env["PYTHONPATH"] = os.pathsep.join(os.path.abspath(p) for p in env["PYTHONPATH"].split(os.pathsep) if p)
-    return env
-
-
 def twistd(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     """Run twistd to completion (option parsing only: it exits within a second); output as one text."""
-    return subprocess.run([str(TWISTD), *args], cwd=cwd, env=_environment(), stdout=subprocess.PIPE,
+    return subprocess.run([str(TWISTD), *args], cwd=cwd, env=child_environment(), stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, timeout=QUICK)
-
-
-def free_port() -> int:
-    """A port nothing listens on right now (bound by the kernel's choice, then released)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def test_twistd_lists_the_daemons(tmp_path):
@@ -112,7 +96,7 @@ class RunningDaemonTests(unittest.TestCase):
             [str(TWISTD), "-n", "--pidfile=", "--logfile=-", "psepr-router",
              "--listen", f"tcp:{self.port}:interface=127.0.0.1", "--accounts", str(accounts),
              "--stats-interval", "0", "--name", "router-under-test"],
-            cwd=self.workdir, env=_environment(), stdout=self.output, stderr=subprocess.STDOUT)
+            cwd=self.workdir, env=child_environment(), stdout=self.output, stderr=subprocess.STDOUT)
         self.exited = threads.deferToThread(self.process.wait)  # fires with the exit code
         self.connections = []
         self.addCleanup(self._stop)
