@@ -120,3 +120,27 @@ class Collector:
 
     def values(self):
         return [event.payload.value for event in self.events]
+
+
+@defer.inlineCallbacks
+def listen(connection, channel: str, payload_type: str | None = None, seconds: int = 60):
+    """A granted lease whose events go to a :class:`Collector` (fires with it; ``collector.lease``).
+
+    Fires after a flush round trip, so the lease is in force for anything sent afterwards.
+    """
+    collector = Collector()
+    lease = connection.lease(channel, seconds, payload_type, callback=collector)
+    yield lease.ready
+    yield connection.flush()
+    collector.lease = lease
+    return collector
+
+
+class FakeClock:
+    """Seconds for a lease table, moved by hand (``clock.now = …``)."""
+
+    def __init__(self, now: float = 1000.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now

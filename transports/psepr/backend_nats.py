@@ -54,7 +54,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from dsmt.transports.psepr.client import EventTooLarge, LoginFailed
-from dsmt.transports.psepr.event import MAX_EVENT_BYTES, Event, EventError, event_to_xml, parse_event
+from dsmt.transports.psepr.event import MAX_EVENT_BYTES, Event, EventError, parse_event
 from dsmt.transports.psepr.leasetable import DEFAULT_MAX_LEASE_SECONDS
 from dsmt.transports.psepr.nats import (
     DEFAULT_MAX_PAYLOAD, NatsAuthorizationError, NatsNotConnectedError, channel_to_subject, connect_nats,

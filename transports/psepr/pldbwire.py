@@ -28,8 +28,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lxml import etree
-
 from dsmt.transports.psepr.channel import ChannelError, validate_channel
 from dsmt.transports.psepr.event import EventError, OpaquePayload, _escape, _leaf
 

@@ -1,6 +1,6 @@
 """PLDB: the store (pure), the wire payloads, and the service end to end with a real router."""
 import pytest
-from twisted.internet import defer, reactor
+from twisted.internet import defer
 from twisted.trial import unittest
 
 from dsmt.client.pldb import query_pldb

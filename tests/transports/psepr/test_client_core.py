@@ -9,7 +9,7 @@ from dsmt.transports.psepr.client import (
     BACKOFF_MAX, LEASE_RETRIES, LEASE_RETRY_SECONDS, ConnectFailed, ConnectionClosed, EventTooLarge,
     LeaseRefused,
     LoginFailed, PsEPRConnection, SendQueueFull, parse_url)
-from dsmt.transports.psepr.event import ATTRIBUTE_NS, Event, OpaquePayload
+from dsmt.transports.psepr.event import Event
 
 
 class FakeLink:

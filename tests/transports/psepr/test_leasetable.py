@@ -5,14 +5,7 @@ from hypothesis import given, strategies as st
 from dsmt.transports.psepr.channel import ChannelError
 from dsmt.transports.psepr.event import ATTRIBUTE_NS, LEASE_NS, LEGACY_ATTRIBUTE_NS
 from dsmt.transports.psepr.leasetable import LeaseError, LeaseTable
-
-
-class FakeClock:
-    def __init__(self):
-        self.now = 1000.0
-
-    def __call__(self):
-        return self.now
+from tests.support.psepr import FakeClock
 
 
 @pytest.fixture

@@ -26,7 +26,7 @@ from dsmt.transports.psepr.client import ConnectFailed, LoginFailed, PsEPRConnec
 from dsmt.transports.psepr.event import ATTRIBUTE_NS, MAX_EVENT_BYTES, Event, OpaquePayload, event_to_xml
 from dsmt.transports.psepr.leasetable import DEFAULT_MAX_LEASE_SECONDS
 from dsmt.transports.psepr.nats import NatsAuthorizationError, channel_to_subject, connect_nats, subtree_subjects
-from tests.support.natsserver import STARTUP_TIMEOUT, NatsServer, _wait_until, nats_cluster, nats_server  # noqa: F401
+from tests.support.natsserver import NatsServer, _wait_until
 from tests.support.psepr import PASSWORD, Collector
 
 pytestmark = pytest.mark.nats

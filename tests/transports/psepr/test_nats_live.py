@@ -18,7 +18,7 @@ from dsmt.transports.psepr.nats import (
     NatsAuthorizationError, NatsNotConnectedError, NatsProtocolError, channel_to_subject, connect_nats,
     subject_to_channel, subtree_subjects)
 from tests.support import natsserver
-from tests.support.natsserver import NatsServer, nats_cluster, nats_server  # noqa: F401 (fixtures)
+from tests.support.natsserver import NatsServer
 
 pytestmark = pytest.mark.nats
 

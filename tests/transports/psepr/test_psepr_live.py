@@ -9,8 +9,7 @@ from twisted.internet import defer
 from twisted.trial import unittest
 
 from dsmt.transports.psepr.event import ATTRIBUTE_NS, Event, OpaquePayload
-from tests.support.natsserver import nats_server  # noqa: F401  (fixture)
-from tests.support.psepr import Collector, NatsHarness, RouterHarness, connect
+from tests.support.psepr import NatsHarness, RouterHarness, connect, listen
 
 
 def attr(channel, value, **addressing):
@@ -39,14 +38,8 @@ class DeliveryTests:
         self.connections.append(connection)
         return connection
 
-    @defer.inlineCallbacks
     def listen(self, connection, channel, payload_type=None):
-        collector = Collector()
-        lease = connection.lease(channel, 60, payload_type, callback=collector)
-        yield lease.ready
-        yield connection.flush()
-        collector.lease = lease
-        return collector
+        return listen(connection, channel, payload_type)
 
     @defer.inlineCallbacks
     def test_subtree_delivery_and_siblings(self):

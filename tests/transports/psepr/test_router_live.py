@@ -24,7 +24,7 @@ from dsmt.transports.psepr import stream
 from dsmt.transports.psepr.client import ConnectFailed, LoginFailed
 from dsmt.transports.psepr.event import Event, LeasePayload, event_to_xml, parse_event
 from dsmt.transports.psepr.router import ROUTER_SERVICE, STATS_CHANNEL, RouterProtocol
-from tests.support.psepr import PASSWORD, Collector, RouterHarness, connect
+from tests.support.psepr import PASSWORD, RouterHarness, connect, listen
 
 
 def attr(channel: str, value: str, **addressing) -> Event:
@@ -153,14 +153,8 @@ class RouterTestCase(unittest.TestCase):
         self.connections += connections
         return connections
 
-    @defer.inlineCallbacks
     def listen(self, connection, channel: str, payload_type: str | None = None):
-        collector = Collector()
-        lease = connection.lease(channel, 60, payload_type, callback=collector)
-        yield lease.ready
-        yield connection.flush()
-        collector.lease = lease
-        return collector
+        return listen(connection, channel, payload_type)
 
     @defer.inlineCallbacks
     def raw(self, data: bytes = b"", **options):

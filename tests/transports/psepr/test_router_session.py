@@ -20,7 +20,7 @@ from dsmt.transports.psepr.event import (
     parse_event)
 from dsmt.transports.psepr.router import (
     MAX_LOGIN_ATTEMPTS, MAX_PENDING_STANZAS, ROUTER_SERVICE, STATS_CHANNEL, RouterCore, RouterSession)
-from tests.support.psepr import PASSWORD, accounts_text
+from tests.support.psepr import FakeClock, PASSWORD, accounts_text
 
 NS_EVENT = "http://psepr.org/xs/event"
 
@@ -29,16 +29,6 @@ NS_EVENT = "http://psepr.org/xs/event"
 def accounts():
     """One accounts object for the module: it remembers verified passwords, so only the first login costs a scrypt."""
     return Accounts.parse(accounts_text())
-
-
-class FakeClock:
-    """Seconds for the lease table, moved by hand."""
-
-    def __init__(self):
-        self.now = 1000.0
-
-    def __call__(self):
-        return self.now
 
 
 @pytest.fixture

@@ -8,11 +8,9 @@ working tree under ``PYTHONPATH=.dev`` (the path is passed on, made absolute).
 """
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
