@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from lxml import etree
 
-__all__ = ["XmlSafetyError", "parse_xml", "DEFAULT_MAX_DEPTH"]
+__all__ = ["XmlSafetyError", "parse_xml", "check_depth", "DEFAULT_MAX_DEPTH"]
 
 #: Nesting depth allowed unless a caller says otherwise.  PsEPR events are at
 #: most 5 levels deep; a WS-Security-signed SOAP envelope inside an opaque
@@ -43,10 +43,12 @@ def _parser() -> etree.XMLParser:
 _PARSER = _parser()
 
 
-def parse_xml(data: bytes, *, max_bytes: int, max_depth: int = DEFAULT_MAX_DEPTH, what: str = "document"):
+def parse_xml(data: bytes, *, max_bytes: int, max_depth: int | None = DEFAULT_MAX_DEPTH, what: str = "document"):
     """Parse ``data`` safely and return its root element.
 
     ``what`` names the document in error messages ("event", "SOAP envelope").
+    ``max_depth=None`` leaves the depth check to a caller that knows which
+    parts can nest (libxml2's own limit of 256 levels still applies).
     """
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise XmlSafetyError(f"{what} must be bytes, not {type(data).__name__}")
@@ -62,12 +64,13 @@ def parse_xml(data: bytes, *, max_bytes: int, max_depth: int = DEFAULT_MAX_DEPTH
         raise XmlSafetyError(f"{what} is empty")
     if root.getroottree().docinfo.doctype:
         raise XmlSafetyError(f"{what} has a DOCTYPE; DTDs and entity declarations are not allowed")
-    _check_depth(root, max_depth, what)
+    if max_depth is not None:
+        check_depth(root, max_depth, what)
     return root
 
 
-def _check_depth(root, max_depth: int, what: str) -> None:
-    """Walk the tree level by level (O(elements)) and refuse one deeper than ``max_depth``."""
+def check_depth(root, max_depth: int, what: str = "document") -> None:
+    """Walk the tree level by level (O(elements)); raise :class:`XmlSafetyError` if deeper than ``max_depth``."""
     level = [root]
     depth = 1
     while level:

@@ -12,9 +12,11 @@ segment: ``/xyz1/`` covers ``/xyz1/a/`` but not ``/xyz10/`` nor ``/xyz1.evil/``.
 """
 from __future__ import annotations
 
+import functools
 import re
 
-__all__ = ["ChannelError", "MAX_CHANNEL_BYTES", "validate_channel", "channel_segments", "covers", "join_channel"]
+__all__ = ["ChannelError", "MAX_CHANNEL_BYTES", "validate_channel", "channel_problem", "channel_segments", "covers",
+           "join_channel"]
 
 #: Longest channel name in bytes.  The NATS backend maps a channel to a subject
 #: whose ``.`` characters are escaped as ``%2E`` (at worst three times longer)
@@ -58,6 +60,16 @@ def channel_segments(channel: str) -> tuple[str, ...]:
             bad = next(ch for ch in segment if not _SEGMENT.match(ch))
             raise ChannelError(f"channel {channel[:80]!r} has a character not allowed in channels: {bad!r}")
     return segments
+
+
+@functools.lru_cache(maxsize=8192)
+def channel_problem(channel: str) -> str | None:
+    """None for a valid channel, else the reason; cached, for hot paths where the same channels recur."""
+    try:
+        channel_segments(channel)
+    except ChannelError as exc:
+        return str(exc)
+    return None
 
 
 def covers(lease_channel: str, channel: str) -> bool:

@@ -33,8 +33,8 @@ from typing import Union
 
 from lxml import etree
 
-from dsmt.transports.psepr.channel import ChannelError, validate_channel
-from dsmt.transports.xmlsafe import XmlSafetyError, parse_xml
+from dsmt.transports.psepr.channel import ChannelError, channel_problem, validate_channel
+from dsmt.transports.xmlsafe import XmlSafetyError, check_depth, parse_xml
 
 __all__ = [
     "EVENT_NS", "ATTRIBUTE_NS", "LEGACY_ATTRIBUTE_NS", "LEASE_NS", "MAX_EVENT_BYTES", "MAX_EVENT_DEPTH",
@@ -214,9 +214,15 @@ class Event:
 # ---------------------------------------------------------------- parsing
 
 def parse_event(data: bytes, *, max_bytes: int = MAX_EVENT_BYTES) -> Event:
-    """Parse an ``<event>`` document, or a ``<message>`` wrapping one, into an :class:`Event`."""
+    """Parse an ``<event>`` document, or a ``<message>`` wrapping one, into an :class:`Event`.
+
+    This is every subscriber's per-event cost, so it walks each element's
+    children once and trusts what the parser already guarantees (XML
+    characters); the channel and name rules are still checked.  Depth is
+    checked only inside opaque payloads: the known parts have a fixed shape.
+    """
     try:
-        root = parse_xml(data, max_bytes=max_bytes, max_depth=MAX_EVENT_DEPTH, what="event")
+        root = parse_xml(data, max_bytes=max_bytes, max_depth=None, what="event")
     except XmlSafetyError as exc:
         raise EventError(str(exc)) from None
     return event_from_element(root)
@@ -231,33 +237,65 @@ def event_from_element(root) -> Event:
         if len(events) != 1:
             raise EventError(f"a message must carry exactly one event, found {len(events)}")
         root = events[0]
-    to = _one(root, _E + "to", "event", required=True)
-    channel = _text(_one(to, _E + "channel", "to", required=True))
+    parts = _children(root, _E, ("to", "from", "payload"), "event", any_namespace="payload")
+    to = parts.get("to")
+    if to is None:
+        raise EventError("<event> has no <to>")
+    payload = parts.get("payload")
+    if payload is None:
+        raise EventError("an event must carry exactly one <payload>, found 0")
+    address = _children(to, _E, ("channel", "service", "instance"), "to")
+    if "channel" not in address:
+        raise EventError("<to> has no <channel>")
+    channel = _text(address["channel"])
     if channel is None:
         raise EventError("to/channel is empty")
-    sender = _one(root, _E + "from", "event", required=False)
-    payloads = [child for child in root if isinstance(child.tag, str) and etree.QName(child).localname == "payload"]
-    if len(payloads) != 1:
-        raise EventError(f"an event must carry exactly one <payload>, found {len(payloads)}")
-    return Event(
-        channel=channel,
-        payload=_payload_from_element(payloads[0]),
-        to_service=_text(_one(to, _E + "service", "to")),
-        to_instance=_text(_one(to, _E + "instance", "to")),
-        from_service=_text(_one(sender, _E + "service", "from")) if sender is not None else None,
-        from_instance=_text(_one(sender, _E + "instance", "from")) if sender is not None else None,
-    )
+    sender = _children(parts["from"], _E, ("service", "instance"), "from") if "from" in parts else {}
+    return _parsed_event(channel, _payload_from_element(payload), _text(address.get("service")),
+                         _text(address.get("instance")), _text(sender.get("service")),
+                         _text(sender.get("instance")))
 
 
-def _one(parent, tag: str, where: str, *, required: bool = False):
-    found = parent.findall(tag)
-    if len(found) > 1:
-        raise EventError(f"<{where}> has {len(found)} <{etree.QName(tag).localname}> elements; at most one is allowed")
-    if not found:
-        if required:
-            raise EventError(f"<{where}> has no <{etree.QName(tag).localname}>")
-        return None
-    return found[0]
+def _children(parent, prefix: str, names: tuple[str, ...], where: str, *, any_namespace: str | None = None) -> dict:
+    """The children of ``parent`` named ``prefix + name`` for each name, in one pass; a repeat is an error.
+
+    ``any_namespace`` names the one child accepted in any namespace (the payload).
+    """
+    found = {}
+    for child in parent:
+        tag = child.tag
+        if not isinstance(tag, str):
+            continue
+        if tag.startswith(prefix):
+            name = tag[len(prefix):]
+        elif any_namespace is not None and (tag == any_namespace or tag.endswith("}" + any_namespace)):
+            name = any_namespace
+        else:
+            continue
+        if name in names:
+            if name in found:
+                if name == any_namespace:
+                    raise EventError(f"an event must carry exactly one <{name}>, found more")
+                raise EventError(f"<{where}> has more than one <{name}>; at most one is allowed")
+            found[name] = child
+    return found
+
+
+def _parsed_event(channel: str, payload: "Payload", to_service, to_instance, from_service, from_instance) -> Event:
+    """An :class:`Event` from parsed parts: the channel and name rules are checked; XML characters need not be."""
+    problem = channel_problem(channel)
+    if problem is not None:
+        raise EventError(problem)
+    for what, name in (("to/service", to_service), ("to/instance", to_instance),
+                       ("from/service", from_service), ("from/instance", from_instance)):
+        if name is not None and len(name) > MAX_NAME_CHARS:
+            raise EventError(f"{what} is longer than {MAX_NAME_CHARS} characters")
+    event = object.__new__(Event)
+    for attribute, value in (("channel", channel), ("payload", payload), ("to_service", to_service),
+                             ("to_instance", to_instance), ("from_service", from_service),
+                             ("from_instance", from_instance)):
+        object.__setattr__(event, attribute, value)
+    return event
 
 
 def _text(element) -> str | None:
@@ -274,26 +312,43 @@ def _payload_from_element(payload) -> Payload:
     namespace = etree.QName(payload).namespace
     if not namespace or namespace == EVENT_NS:
         raise EventError("<payload> has no namespace of its own; its namespace is its type")
+    p = "{%s}" % namespace
     namespace = canonical_payload_type(namespace)
-    p = "{%s}" % etree.QName(payload).namespace
     if namespace == ATTRIBUTE_NS:
-        field = _text(_one(payload, p + "field", "payload", required=True))
+        fields = _children(payload, p, ("field", "value", "expire"), "payload")
+        if "field" not in fields:
+            raise EventError("<payload> has no <field>")
+        if "value" not in fields:
+            raise EventError("<payload> has no <value>")
+        field = _text(fields["field"])
         if field is None:
             raise EventError("attribute field is empty")
-        value_element = _one(payload, p + "value", "payload", required=True)
+        if len(field) > MAX_NAME_CHARS:
+            raise EventError(f"attribute field is longer than {MAX_NAME_CHARS} characters")
+        value_element = fields["value"]
         if len(value_element):
             raise EventError("<value> must hold text, not elements")
-        expire = _int(_text(_one(payload, p + "expire", "payload")), "attribute expire")
-        return AttributePayload(field, value_element.text or "", expire)
+        attribute = object.__new__(AttributePayload)  # parsed: the parser guaranteed XML characters
+        object.__setattr__(attribute, "field", field)
+        object.__setattr__(attribute, "value", value_element.text or "")
+        object.__setattr__(attribute, "expire", _int(_text(fields.get("expire")), "attribute expire"))
+        return attribute
     if namespace == LEASE_NS:
-        identifier = _text(_one(payload, p + "identifier", "payload", required=True))
+        fields = _children(payload, p, ("identifier", "duration", "op", "type"), "payload")
+        for required in ("identifier", "duration"):
+            if required not in fields:
+                raise EventError(f"<payload> has no <{required}>")
+        identifier = _text(fields["identifier"])
         if identifier is None:
             raise EventError("lease identifier is empty")
-        duration = _int(_text(_one(payload, p + "duration", "payload", required=True)), "lease duration")
+        duration = _int(_text(fields["duration"]), "lease duration")
         if duration is None:
             raise EventError("lease duration is empty")
-        op = _text(_one(payload, p + "op", "payload")) or "register"
-        return LeasePayload(identifier, duration, op, _text(_one(payload, p + "type", "payload")))
+        return LeasePayload(identifier, duration, _text(fields.get("op")) or "register", _text(fields.get("type")))
+    try:
+        check_depth(payload, MAX_EVENT_DEPTH - 2, "payload")
+    except XmlSafetyError as exc:
+        raise EventError(str(exc)) from None
     return _opaque_from_element(payload)
 
 

@@ -30,7 +30,6 @@ even a client that reads.
 """
 from __future__ import annotations
 
-import functools
 import os
 import secrets
 from dataclasses import dataclass
@@ -43,7 +42,7 @@ from twisted.internet.interfaces import IPushProducer
 
 from dsmt.transports.psepr import stream
 from dsmt.transports.psepr.accounts import Accounts
-from dsmt.transports.psepr.channel import ChannelError, validate_channel
+from dsmt.transports.psepr.channel import ChannelError, channel_problem
 from dsmt.transports.psepr.event import (
     ATTRIBUTE_NS, EVENT_NS, LEASE_NS, AttributePayload, EventError, Event, LeasePayload, event_to_xml, parse_event)
 from dsmt.transports.psepr.leasetable import (
@@ -77,16 +76,6 @@ MAX_PENDING_STANZAS = 64
 MAX_LOGIN_ATTEMPTS = 3
 #: Longest error text echoed back to a client (keeps replies small).
 MAX_ERROR_TEXT = 300
-
-
-@functools.lru_cache(maxsize=8192)
-def _channel_problem(channel: str) -> str | None:
-    """None for a valid channel, else the reason (cached: channels repeat on the hot path)."""
-    try:
-        validate_channel(channel)
-    except ChannelError as exc:
-        return str(exc)
-    return None
 
 
 @dataclass
@@ -321,7 +310,7 @@ class RouterSession:
             counters.rejected += 1
             self._reply_error("message carries no PsEPR event")
             return
-        problem = _channel_problem(header.channel) if header.channel else "to/channel is empty"
+        problem = channel_problem(header.channel) if header.channel else "to/channel is empty"
         if problem:
             counters.rejected += 1
             self._reply_error(problem)
