@@ -50,6 +50,7 @@ setup(
     entry_points={
         "console_scripts": [
             "psepr = dsmt.client.psepr_cli:main",
+            "dsmt-pki = dsmt.client.dsmt_pki:main",
         ],
     },
 )

@@ -11,10 +11,11 @@ SOAP core use them.
   against anything.  Only what makes a reply impossible to address is
   refused, with :class:`AddressingError`: a header that may appear once
   appearing twice, or a ``ReplyTo``/``FaultTo`` without an ``Address``.
-* :func:`reply_headers` and :func:`request_headers` build the header blocks of
-  a reply or a request.  **Strict on output**: every message gets a fresh
-  ``urn:uuid:`` ``MessageID`` and an ``Action``; a reply gets ``To`` (the
-  ``ReplyTo`` address, or ``FaultTo`` for a fault; anonymous when absent), the
+* :func:`reply_headers` and :func:`request_headers` write the header blocks
+  of a reply or a request (serialised, each declaring its own namespace).
+  **Strict on output**: every message gets a fresh ``urn:uuid:``
+  ``MessageID`` and an ``Action``; a reply gets ``To`` (the ``ReplyTo``
+  address, or ``FaultTo`` for a fault; anonymous when absent), the
   destination's reference parameters marked ``wsa:IsReferenceParameter``,
   and ``RelatesTo`` when the request had a ``MessageID``.
 * :func:`insert_headers` puts header blocks into a serialised envelope by
@@ -32,7 +33,7 @@ import copy
 import re
 import uuid
 from dataclasses import dataclass
-from typing import Sequence
+from xml.sax.saxutils import escape
 
 from lxml import etree
 
@@ -131,42 +132,52 @@ def _endpoint(found: dict[str, list[etree._Element]], name: str) -> EndpointRefe
     return EndpointReference((address.text or "").strip(), copies)
 
 
-def reply_headers(request: AddressingHeaders, *, action: str, fault: bool = False) -> list[etree._Element]:
-    """The header blocks of the reply to ``request``: To, Action, a new MessageID, RelatesTo, and the
-    destination's reference parameters.  A fault goes to ``FaultTo`` when the request named one."""
-    destination = (request.fault_to if fault and request.fault_to is not None else request.reply_to)
-    blocks = [_element("To", destination.address if destination is not None else ANONYMOUS),
-              _element("Action", action), _element("MessageID", new_message_id())]
+def reply_headers(request: AddressingHeaders, *, action: str, fault: bool = False) -> bytes:
+    """The serialised header blocks of the reply to ``request``: To, Action, a new MessageID, RelatesTo,
+    and the destination's reference parameters.  A fault goes to ``FaultTo`` when the request named one."""
+    destination = request.fault_to if fault and request.fault_to is not None else request.reply_to
+    blocks = [_block("To", destination.address if destination is not None else ANONYMOUS),
+              _block("Action", action), _block("MessageID", new_message_id())]
     if request.message_id is not None:
-        blocks.append(_element("RelatesTo", request.message_id))
+        blocks.append(_block("RelatesTo", request.message_id))
     if destination is not None:
         for parameter in destination.reference_parameters:
             marked = copy.deepcopy(parameter)
             marked.set(_IS_REFERENCE_PARAMETER, "true")
-            blocks.append(marked)
-    return blocks
+            blocks.append(etree.tostring(marked))
+    return b"".join(blocks)
 
 
 def request_headers(*, action: str, to: str, message_id: str | None = None,
                     reply_to: EndpointReference | None = None,
-                    fault_to: EndpointReference | None = None) -> list[etree._Element]:
-    """The header blocks of a request: To, Action, MessageID (a new one unless given), ReplyTo, FaultTo."""
-    blocks = [_element("To", to), _element("Action", action), _element("MessageID", message_id or new_message_id())]
+                    fault_to: EndpointReference | None = None) -> bytes:
+    """The serialised header blocks of a request: To, Action, MessageID (a new one unless given), ReplyTo,
+    FaultTo."""
+    blocks = [_block("To", to), _block("Action", action), _block("MessageID", message_id or new_message_id())]
     for name, endpoint in (("ReplyTo", reply_to), ("FaultTo", fault_to)):
         if endpoint is not None:
-            element = _element(name)
-            etree.SubElement(element, _W + "Address").text = endpoint.address
-            if endpoint.reference_parameters:
-                parameters = etree.SubElement(element, _W + "ReferenceParameters")
-                parameters.extend(copy.deepcopy(p) for p in endpoint.reference_parameters)
-            blocks.append(element)
-    return blocks
+            parameters = b"".join(etree.tostring(p) for p in endpoint.reference_parameters)
+            blocks.append(b'<wsa:%s xmlns:wsa="%s"><wsa:Address>%s</wsa:Address>%s</wsa:%s>' % (
+                name.encode(), WSA_NS.encode(), _escaped(name, endpoint.address),
+                b"<wsa:ReferenceParameters>%s</wsa:ReferenceParameters>" % parameters if parameters else b"",
+                name.encode()))
+    return b"".join(blocks)
 
 
-def _element(name: str, text: str | None = None) -> etree._Element:
-    element = etree.Element(_W + name, nsmap={"wsa": WSA_NS})
-    element.text = text
-    return element
+#: Characters XML 1.0 cannot carry (outside its Char production).
+_NOT_XML_CHARS = re.compile("[^\t\n\r\u0020-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+
+def _escaped(name: str, text: str) -> bytes:
+    if _NOT_XML_CHARS.search(text):
+        raise ValueError(f"wsa:{name} {text!r} holds characters XML cannot carry")
+    return escape(text, {"\r": "&#13;"}).encode()  # a literal CR would be read back as LF
+
+
+def _block(name: str, text: str) -> bytes:
+    """One header block, written directly: 4 blocks cost ~2.5 µs this way, ~11 µs as lxml elements."""
+    return b'<wsa:%s xmlns:wsa="%s">%s</wsa:%s>' % (name.encode(), WSA_NS.encode(), _escaped(name, text),
+                                                     name.encode())
 
 
 # ------------------------------------------------------------------ splicing
@@ -176,19 +187,18 @@ _START_TAG = re.compile(rb"<([^\s/>!?]+)(?:\s+[^\s=/>]+\s*=\s*(?:\"[^\"]*\"|'[^'
 _BOM = b"\xef\xbb\xbf"
 
 
-def insert_headers(envelope: bytes, blocks: Sequence[etree._Element]) -> bytes:
-    """Return ``envelope`` with ``blocks`` added as the first children of its SOAP Header.
+def insert_headers(envelope: bytes, blocks: bytes) -> bytes:
+    """Return ``envelope`` with ``blocks`` (serialised header blocks, each declaring its own namespaces)
+    added as the first children of its SOAP Header.
 
-    The envelope's bytes are kept as they are; the blocks are serialised with
-    their own namespace declarations and spliced in right after the Header's
-    start tag (a Header is created before the Body when there is none).  The
-    envelope must be UTF-8 (or ASCII) and well-formed — this only scans its
-    first tags and raises ValueError when they are not an Envelope followed by
-    a Header or Body of the same prefix.
+    The envelope's bytes are kept as they are; the blocks are spliced in right
+    after the Header's start tag (a Header is created before the Body when
+    there is none).  The envelope must be UTF-8 (or ASCII) and well-formed —
+    this only scans its first tags, and raises ValueError when they are not an
+    Envelope followed by a Header or Body of the same prefix.
     """
     if not blocks:
         return envelope
-    added = b"".join(etree.tostring(block) for block in blocks)
     root = _START_TAG.match(envelope, _skip_prolog(envelope, len(_BOM) if envelope.startswith(_BOM) else 0))
     if root is None or root.group(2) or not (root.group(1) == b"Envelope" or root.group(1).endswith(b":Envelope")):
         raise ValueError("not a SOAP envelope: no Envelope start tag")
@@ -200,11 +210,11 @@ def insert_headers(envelope: bytes, blocks: Sequence[etree._Element]) -> bytes:
     if name == prefix + b"Header":
         if child.group(2):  # <p:Header/> — open it
             opened = envelope[child.start():child.end() - 2].rstrip() + b">"
-            return envelope[:child.start()] + opened + added + b"</" + name + b">" + envelope[child.end():]
-        return envelope[:child.end()] + added + envelope[child.end():]
+            return envelope[:child.start()] + opened + blocks + b"</" + name + b">" + envelope[child.end():]
+        return envelope[:child.end()] + blocks + envelope[child.end():]
     if name == prefix + b"Body":
         header = prefix + b"Header"
-        return envelope[:child.start()] + b"<" + header + b">" + added + b"</" + header + b">" + envelope[child.start():]
+        return envelope[:child.start()] + b"<" + header + b">" + blocks + b"</" + header + b">" + envelope[child.start():]
     raise ValueError(f"not a SOAP envelope: {name.decode(errors='replace')} follows the Envelope start tag")
 
 

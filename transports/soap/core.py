@@ -55,20 +55,21 @@ have them in the service's target namespace (``Client.QuotaExceeded`` →
 ``Sender`` / ``tns:QuotaExceeded``), and a fault class the method declares in
 ``_throws`` is also written as its schema element in the detail, as the WSDL
 says.  spyne's own fault writer is not used: for SOAP 1.2 it writes unqualified
-subcodes and an empty ``Role``, and crashes on schema-validation errors.
+subcodes and an empty ``Role``, refuses codes not starting with Client/Server,
+and crashes writing its own schema-validation faults.
 
-=====================  ========  =====================================================
-subcode (DSMT_FAULT_NS) code      when
-=====================  ========  =====================================================
-EnvelopeTooLarge       Sender    over ``max_envelope_bytes``
-BadXML                 Sender    not well-formed, a DOCTYPE (DTD/entities), too deep
-CharsetMismatch        Sender    content-type charset ≠ the document's encoding
-NotSOAP                Sender    the root is not a SOAP Envelope
-BadEnvelope            Sender    no Body, elements out of place, Body not one element
-UnknownOperation       Sender    the Body's element is no operation of this service
-InvalidBody            Sender    the Body does not match the operation's schema
-InternalError          Receiver  the service (or a filter) failed unexpectedly
-=====================  ========  =====================================================
+=======================  ========  =====================================================
+subcode (DSMT_FAULT_NS)  code      when
+=======================  ========  =====================================================
+EnvelopeTooLarge         Sender    over ``max_envelope_bytes``
+BadXML                   Sender    not well-formed, a DOCTYPE (DTD/entities), too deep
+CharsetMismatch          Sender    content-type charset ≠ the document's encoding
+NotSOAP                  Sender    the root is not a SOAP Envelope
+BadEnvelope              Sender    no Body, elements out of place, Body not one element
+UnknownOperation         Sender    the Body's element is no operation of this service
+InvalidBody              Sender    the Body does not match the operation's schema
+InternalError            Receiver  the service (or a filter) failed unexpectedly
+=======================  ========  =====================================================
 
 plus ``VersionMismatch`` (answered in a SOAP 1.1 envelope, as SOAP 1.2
 Appendix A asks, with an ``Upgrade`` header when this core speaks 1.2),
@@ -110,7 +111,7 @@ from spyne.server._base import ServerBase
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from dsmt.transports.soap import addressing
+from dsmt.transports.soap import HTTP_TRANSPORT, PSEPR_TRANSPORT, addressing
 from dsmt.transports.xmlsafe import DEFAULT_MAX_DEPTH, XmlSafetyError, parse_xml
 
 __all__ = [
@@ -121,10 +122,6 @@ __all__ = [
 
 log = Logger(namespace="dsmt.soap.core")
 
-#: WSDL 1.1 binding transport URI of SOAP over HTTP (used by the SOAP 1.2 binding of WSDL 1.1 too).
-HTTP_TRANSPORT = "http://schemas.xmlsoap.org/soap/http"
-#: WSDL binding transport URI of SOAP over PsEPR (dsmt's own; zeep needs ``zeepsupport.binding_classes``).
-PSEPR_TRANSPORT = "http://dsmt.org/ns/soap/transport/psepr"
 #: Namespace of the subcodes of the faults the core itself raises.
 DSMT_FAULT_NS = "http://dsmt.org/ns/soap/fault"
 #: WS-Addressing 1.0 Metadata: ``wsam:Action`` on WSDL input/output/fault messages.
@@ -160,17 +157,18 @@ class SoapVersion:
     #: How this version spells the Sender and Receiver fault codes.
     sender: str
     receiver: str
-    #: The attribute naming the node a header block is meant for, and the roles a service plays.
+    #: The attribute naming the node a header block is meant for (absent: the ultimate receiver, which a
+    #: service is), and the roles a service plays besides.
     role_attribute: str
     roles: frozenset[str]
 
 
+_SOAP12_ROLE = "http://www.w3.org/2003/05/soap-envelope/role/"
 SOAP11 = SoapVersion("1.1", "http://schemas.xmlsoap.org/soap/envelope/", "text/xml; charset=utf-8",
                      "Client", "Server", "actor", frozenset({"http://schemas.xmlsoap.org/soap/actor/next"}))
 SOAP12 = SoapVersion("1.2", "http://www.w3.org/2003/05/soap-envelope", "application/soap+xml; charset=utf-8",
                      "Sender", "Receiver", "role",
-                     frozenset({"http://www.w3.org/2003/05/soap-envelope/role/next",
-                                "http://www.w3.org/2003/05/soap-envelope/role/ultimateReceiver"}))
+                     frozenset({_SOAP12_ROLE + "next", _SOAP12_ROLE + "ultimateReceiver"}))
 _VERSIONS = {version.envelope_ns: version for version in (SOAP11, SOAP12)}
 
 
@@ -348,10 +346,15 @@ class EnvelopeFilter(Protocol):
 # ------------------------------------------------------------------ spyne glue
 
 class _PreParsed:
-    """Mixin for spyne's SOAP protocols: take the tree the core parsed safely instead of parsing bytes."""
+    """Mixin for spyne's SOAP protocols: take the envelope the core parsed safely and checked, instead of
+    parsing bytes and searching the tree again.  The core sets ``ctx.in_header_doc`` (the Header's
+    children, or None) and ``ctx.in_body_doc`` (the Body's element) before ``generate_contexts``."""
 
     def create_in_document(self, ctx, charset=None):
-        ctx.in_document = (ctx.udc.envelope, None)  # (root, xml ids): no SOAP-encoding href resolution
+        ctx.in_document = ctx.udc.envelope
+
+    def decompose_incoming_envelope(self, ctx, message=None):
+        ctx.method_request_string = ctx.in_body_doc.tag
 
 
 class _Soap11In(_PreParsed, Soap11):
@@ -384,16 +387,15 @@ class _Server(ServerBase):
 
 @dataclass(frozen=True)
 class _Actions:
-    """WS-Addressing Actions of one operation, as its WSDL declares them."""
+    """The WS-Addressing Actions of one operation's replies, as its WSDL declares them."""
 
-    input: str
     output: str | None
     faults: dict[str, str] = field(default_factory=dict)
 
 
 def _annotate_actions(definitions: etree._Element) -> dict[str, _Actions]:
     """Give every portType message an explicit ``wsam:Action`` (default action pattern, WS-Addressing
-    Metadata §4.4.4) and return the actions by operation name."""
+    Metadata §4.4.4) and return the reply actions by operation name."""
     tns = definitions.get("targetNamespace")
     delimiter = ":" if tns.startswith("urn:") else "/"
     base = tns if tns.endswith(delimiter) else tns + delimiter
@@ -408,9 +410,9 @@ def _annotate_actions(definitions: etree._Element) -> dict[str, _Actions]:
                 return action
 
             request = operation.find(_WSDL + "input")
+            declare(request, request.get("name"))
             reply = operation.find(_WSDL + "output")
             actions[name] = _Actions(
-                input=declare(request, request.get("name")),
                 output=None if reply is None else declare(reply, reply.get("name")),
                 faults={fault.get("name"): declare(fault, name, "Fault", fault.get("name"))
                         for fault in operation.iter(_WSDL + "fault")})
@@ -470,12 +472,13 @@ class SoapCore:
         self._schema: etree.XMLSchema = schema.validation_schema
         self._actions = self._wsdl_tree("urn:dsmt:address-unknown")[1]
         self._understood = frozenset(
-            ["{%s}%s" % (addressing.WSA_NS, name)
-             for name in ("To", "Action", "MessageID", "ReplyTo", "FaultTo", "From", "RelatesTo")]
+            ["{%s}%s" % (addressing.WSA_NS, local)
+             for local in ("To", "Action", "MessageID", "ReplyTo", "FaultTo", "From", "RelatesTo")]
             + ["{%s}%s" % (cls.get_namespace(), cls.get_type_name())
                for descriptors in self._operations.values() for descriptor in descriptors
                for cls in descriptor.in_header or ()]
             + [name for envelope_filter in self.filters for name in envelope_filter.understood_headers])
+        self._our_roles = self.version.roles | {None}  # None: a block without a role is for the ultimate receiver
         self._wsdl_cache: OrderedDict[str, bytes] = OrderedDict()
 
     # ------------------------------------------------------------ public
@@ -605,10 +608,11 @@ class SoapCore:
         if header is None:
             return
         role_attribute = f"{{{env}}}{self.version.role_attribute}"
+        must_understand = f"{{{env}}}mustUnderstand"
         missed = [block.tag for block in header if isinstance(block.tag, str)
-                  and block.get(f"{{{env}}}mustUnderstand") in ("1", "true")
-                  and block.get(role_attribute, "") in self.version.roles | {""}  # no role: meant for us
-                  and block.tag not in self._understood]
+                  and block.get(must_understand) in ("1", "true")
+                  and block.tag not in self._understood
+                  and block.get(role_attribute) in self._our_roles]
         if missed:
             not_understood = ()
             if self.version is SOAP12:  # SOAP 1.2 §5.4.8: name them in NotUnderstood header blocks
@@ -645,6 +649,9 @@ class SoapCore:
         actions = self._actions[descriptors[0].operation_name]
         ctx = MethodContext(self._server, MethodContext.SERVER)
         ctx.udc = context
+        header = body.getparent().getprevious()
+        ctx.in_header_doc = None if header is None else list(header)
+        ctx.in_body_doc = body
         try:
             ctx = self._server.generate_contexts(ctx)[0]  # spyne's auxiliary methods are not supported
             if ctx.in_error is None:

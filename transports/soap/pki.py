@@ -21,15 +21,20 @@ RSA 3072 by default or EC P-256, written as unencrypted PKCS#8 PEM with mode
 0600 (services start unattended; protect the file, not the key).
 
 Trust contract: :meth:`TrustStore.validate` returns only for an end-entity
-certificate that a trusted CA signed directly, that is valid at the time given
-(leaf and CA), and whose extended key usage allows the purpose
-(``clientAuth`` for callers, ``serverAuth`` for services answering), and that
-passes ``cryptography.x509.verification`` (RFC 5280 / CABF profile: key sizes,
-signature algorithms, CA constraints, AKI).  Otherwise it raises
+certificate that a trusted CA signed directly, whose key is RSA ≥ 2048 bits
+or EC on P-256/384/521, that is valid at the time given (leaf and CA), whose
+extended key usage allows the purpose (``clientAuth`` for callers,
+``serverAuth`` for services answering) and, when asked, names the DNS name,
+and that passes ``cryptography.x509.verification`` (RFC 5280 / CA/B Forum
+profile: signature algorithms, CA constraints, AKI…).  Otherwise it raises
 :class:`CertificateError` whose message names the first problem found, in the
-order a person fixing it needs: wrong CA, then dates, then usage.
-Chains are leaf → trust anchor: a WS-Security BinarySecurityToken carries one
+order a person fixing it needs: wrong CA, then key, dates, usage.  Chains are
+leaf → trust anchor: a WS-Security BinarySecurityToken carries one
 certificate, so intermediates are not looked for.
+
+Errors: :class:`PkiArgumentError` for a bad name, DNS name, key type,
+validity or path length (the CLI's usage errors); :class:`PkiError` for
+everything else that cannot be done (files, a CA that does not match).
 """
 from __future__ import annotations
 
@@ -50,7 +55,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 __all__ = [
     "KEY_TYPES", "DEFAULT_KEY_TYPE", "RSA_KEY_BITS", "MIN_RSA_KEY_BITS", "CA_VALIDITY_DAYS", "LEAF_VALIDITY_DAYS",
-    "BACKDATE", "KINDS", "PkiError", "CertificateError", "Purpose", "TrustStore", "PinnedCertificates",
+    "BACKDATE", "KINDS", "PkiError", "PkiArgumentError", "CertificateError", "Purpose", "TrustStore",
+    "PinnedCertificates",
     "new_private_key", "make_ca", "make_certificate", "create_ca", "issue_certificate", "load_certificates",
     "load_certificate", "load_private_key", "describe_certificate", "fingerprint", "subject_text",
     "check_name", "check_dns_name", "CA_CERT_FILE", "CA_KEY_FILE", "IssuedFiles",
@@ -93,6 +99,10 @@ class PkiError(Exception):
     """A PKI operation cannot be done; the message says what to fix."""
 
 
+class PkiArgumentError(PkiError):
+    """An argument is not acceptable: a name, DNS name, key type, validity or path length."""
+
+
 class CertificateError(PkiError):
     """A presented certificate is not acceptable; the message names the first problem found."""
 
@@ -113,11 +123,12 @@ class Purpose(enum.Enum):
 def check_name(name: str, what: str = "name") -> str:
     """Return ``name`` if it can be a service or user name (and a file name), else raise PkiError."""
     if not isinstance(name, str) or not name:
-        raise PkiError(f"{what} is empty")
+        raise PkiArgumentError(f"{what} is empty")
     if len(name) > MAX_NAME_CHARS:
-        raise PkiError(f"{what} {name!r} is longer than {MAX_NAME_CHARS} characters")
+        raise PkiArgumentError(f"{what} {name!r} is longer than {MAX_NAME_CHARS} characters")
     if not _NAME.match(name):
-        raise PkiError(f"{what} {name!r} may hold only letters, digits and . _ @ - (and not start with a symbol)")
+        raise PkiArgumentError(f"{what} {name!r} may hold only letters, digits and . _ @ - "
+                               "(and not start with a symbol)")
     return name
 
 
@@ -125,7 +136,8 @@ def check_dns_name(name: str) -> str:
     """Return ``name`` lower-cased if it is a plain DNS host name (no wildcard), else raise PkiError."""
     host = name.lower().rstrip(".") if isinstance(name, str) else ""
     if not host or len(host) > 253 or not all(_DNS_LABEL.match(label) for label in host.split(".")):
-        raise PkiError(f"{name!r} is not a DNS host name (letters, digits, '-', dot-separated labels; no wildcards)")
+        raise PkiArgumentError(f"{name!r} is not a DNS host name "
+                               "(letters, digits, '-', dot-separated labels; no wildcards)")
     return host
 
 
@@ -147,7 +159,7 @@ def new_private_key(key_type: str = DEFAULT_KEY_TYPE):
         return rsa.generate_private_key(public_exponent=65537, key_size=RSA_KEY_BITS)
     if key_type == "ec":
         return ec.generate_private_key(ec.SECP256R1())
-    raise PkiError(f"key type must be one of {', '.join(KEY_TYPES)}, not {key_type!r}")
+    raise PkiArgumentError(f"key type must be one of {', '.join(KEY_TYPES)}, not {key_type!r}")
 
 
 def _signing_hash(key) -> hashes.HashAlgorithm:
@@ -184,11 +196,11 @@ def make_ca(name: str, *, key=None, key_type: str = DEFAULT_KEY_TYPE, path_lengt
     ``dsmt-pki`` does); 1 allows one level of sub-CA below it.
     """
     if not isinstance(name, str) or not name.strip() or len(name) > MAX_NAME_CHARS:
-        raise PkiError(f"CA name must be 1 to {MAX_NAME_CHARS} characters")
+        raise PkiArgumentError(f"CA name must be 1 to {MAX_NAME_CHARS} characters")
     if path_length not in (0, 1):
-        raise PkiError(f"CA path length must be 0 or 1, not {path_length!r}")
+        raise PkiArgumentError(f"CA path length must be 0 or 1, not {path_length!r}")
     if not isinstance(days, int) or days < 1:
-        raise PkiError(f"validity must be a positive number of days, not {days!r}")
+        raise PkiArgumentError(f"validity must be a positive number of days, not {days!r}")
     key = key if key is not None else new_private_key(key_type)
     start = _utc(now) - BACKDATE
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
@@ -216,13 +228,13 @@ def make_certificate(ca_key, ca_certificate: x509.Certificate, kind: str, name: 
     extends past the CA's.
     """
     if kind not in KINDS:
-        raise PkiError(f"certificate kind must be one of {', '.join(KINDS)}, not {kind!r}")
+        raise PkiArgumentError(f"certificate kind must be one of {', '.join(KINDS)}, not {kind!r}")
     check_name(name, f"{kind} name")
     hosts = [check_dns_name(host) for host in dns_names]
     if hosts and kind != "service":
-        raise PkiError("only service certificates carry DNS names")
+        raise PkiArgumentError("only service certificates carry DNS names")
     if not isinstance(days, int) or days < 1:
-        raise PkiError(f"validity must be a positive number of days, not {days!r}")
+        raise PkiArgumentError(f"validity must be a positive number of days, not {days!r}")
     _check_is_ca(ca_certificate)
     if ca_key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo) \
             != ca_certificate.public_key().public_bytes(serialization.Encoding.DER,
@@ -244,7 +256,8 @@ def make_certificate(ca_key, ca_certificate: x509.Certificate, kind: str, name: 
         .not_valid_before(start).not_valid_after(end)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         # keyEncipherment only for RSA service keys: TLS RSA key transport, should a service reuse its cert for TLS.
-        .add_extension(_key_usage(signature=True, key_encipherment=kind == "service" and isinstance(key, rsa.RSAPrivateKey)),
+        .add_extension(_key_usage(signature=True,
+                                  key_encipherment=kind == "service" and isinstance(key, rsa.RSAPrivateKey)),
                        critical=True)
         .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
@@ -320,7 +333,7 @@ def issue_certificate(directory: str, kind: str, name: str, *, dns_names: Sequen
                       key_type: str = DEFAULT_KEY_TYPE, days: int = LEAF_VALIDITY_DAYS, now=None) -> IssuedFiles:
     """Issue ``kind``-``name``.pem/.key in the CA ``directory`` (which holds ``ca.pem`` and ``ca.key``)."""
     if kind not in KINDS:
-        raise PkiError(f"certificate kind must be one of {', '.join(KINDS)}, not {kind!r}")
+        raise PkiArgumentError(f"certificate kind must be one of {', '.join(KINDS)}, not {kind!r}")
     check_name(name, f"{kind} name")
     ca_path = os.path.join(directory, CA_CERT_FILE)
     if not os.path.exists(ca_path):
@@ -458,13 +471,16 @@ class TrustStore:
     """Certificates issued directly by one of a set of trusted CAs.
 
     Built from CA certificates (``TrustStore.from_files("ca.pem")``).
-    Uses ``cryptography.x509.verification`` (present in cryptography ≥ 42; dsmt
-    runs 50) with its CA/Browser-Forum profile for the chain, plus an extension
-    policy that makes the subjectAltName optional (user certificates have none)
-    and requires the purpose's extended key usage (the stock client verifier
-    would also demand a SAN and always clientAuth).  Simple checks run first
-    so the common failures get precise messages; successes are cached per
-    (certificate, purpose, DNS name) for the window the chain is valid in.
+    Uses ``cryptography.x509.verification`` (cryptography ≥ 42; dsmt runs 50)
+    with its CA/Browser-Forum profile for the chain, plus an extension policy
+    that makes the subjectAltName optional (user certificates have none) and
+    requires the purpose's extended key usage: the stock client verifier
+    demands a SAN and always clientAuth, and a custom EKU validator *replaces*
+    its EKU check.  That verifier checks the keys that sign certificates, not
+    the leaf's own key size, so that is checked here.  Simple checks run first
+    so the common failures get precise messages.  A full check costs ~0.1 ms:
+    successes are cached per (certificate, purpose, DNS name) for the window
+    the chain is valid in (the time is still checked against it every call).
     """
 
     def __init__(self, anchors: Iterable[x509.Certificate]):
@@ -486,11 +502,19 @@ class TrustStore:
         """Return if ``certificate`` is acceptable for ``purpose`` at time ``at`` (POSIX seconds or aware
         datetime; default now) and, if given, names ``dns_name``; else raise :class:`CertificateError`."""
         at = _utc(at)
-        key = (certificate.public_bytes(serialization.Encoding.DER), purpose, dns_name)
+        key = (certificate, purpose, dns_name)   # Certificate hashes and compares by its DER bytes
         if self._cache.hit(key, at):
             return
+        try:
+            self._validate(certificate, purpose, at, dns_name, key)
+        except ValueError as exc:   # cryptography parses fields lazily: a malformed one surfaces here
+            raise CertificateError(f"certificate is malformed: {exc}") from None
+
+    def _validate(self, certificate: x509.Certificate, purpose: Purpose, at: dt.datetime, dns_name: str | None,
+                  key) -> None:
         issuer = self._issuer_of(certificate)
         _check_leaf(certificate)
+        _check_key(certificate)
         _check_dates(certificate, at, "certificate")
         _check_dates(issuer, at, "issuing CA")
         _check_usage(certificate, purpose)
@@ -530,6 +554,23 @@ def _check_leaf(certificate: x509.Certificate) -> None:
     if constraints.ca:
         raise CertificateError(f"certificate {subject_text(certificate)} is a CA certificate, "
                                "not a service or user certificate")
+
+
+def _check_key(certificate: x509.Certificate) -> None:
+    """RSA of at least MIN_RSA_KEY_BITS or EC on a NIST prime curve (cryptography's verifier only
+    checks the keys that sign certificates, not the leaf's own)."""
+    key = certificate.public_key()
+    if isinstance(key, rsa.RSAPublicKey):
+        if key.key_size < MIN_RSA_KEY_BITS:
+            raise CertificateError(f"certificate {subject_text(certificate)} has a weak {key.key_size}-bit RSA key "
+                                   f"(at least {MIN_RSA_KEY_BITS})")
+    elif isinstance(key, ec.EllipticCurvePublicKey):
+        if key.curve.name not in ("secp256r1", "secp384r1", "secp521r1"):
+            raise CertificateError(f"certificate {subject_text(certificate)} has an EC key on {key.curve.name}; "
+                                   "P-256, P-384 or P-521 is required")
+    else:
+        raise CertificateError(f"certificate {subject_text(certificate)} has a {type(key).__name__}; "
+                               "RSA or EC is required")
 
 
 class PinnedCertificates:

@@ -30,7 +30,7 @@ from zeep.wsdl.bindings import HttpGetBinding, HttpPostBinding, Soap11Binding, S
 from zeep.wsdl.bindings.soap import SoapOperation
 from zeep.utils import qname_attr
 
-from dsmt.transports.soap.core import HTTP_TRANSPORT
+from dsmt.transports.soap import HTTP_TRANSPORT
 
 __all__ = ["SOAP12_HTTP_TRANSPORT", "binding_classes", "make_client", "bind", "client_settings"]
 
@@ -78,9 +78,9 @@ def client_settings() -> Settings:
 def make_client(wsdl: Union[bytes, str, os.PathLike], transport, *, asynchronous: bool = False) -> zeep.Client:
     """A zeep client (``zeep.AsyncClient`` when ``asynchronous``) for the WSDL in ``wsdl``.
 
-    ``wsdl`` is the document's bytes or a file path; a URL is refused for an
-    asynchronous client (zeep would load it synchronously, blocking a
-    reactor).  ``transport`` carries the calls (``zeep.Transport()`` for
+    ``wsdl`` is the document's bytes, a file path, or — for a synchronous
+    client only — a URL (zeep loads WSDL synchronously: inside a reactor that
+    would block it, so an asynchronous client refuses URLs).  ``transport`` carries the calls (``zeep.Transport()`` for
     scripts, ``TreqTransport`` inside a reactor, a PsEPR transport).
     """
     if isinstance(wsdl, bytes):
