@@ -5,7 +5,9 @@ a realistic attribute event on a deep channel
 ``/org/dsmt/ns/deployment/xyz1/org.dsmt.component.sliver-mgr/status/<host>/``
 — to one :class:`StreamParser` in 64 KiB chunks (a socket read) and prints
 stanzas/s and MB/s.  The router must route ≥ 20,000 events/s end to end in
-one process, so parsing should manage ≥ 60,000 stanzas/s.
+one process, so parsing should manage ≥ 60,000 stanzas/s.  It also times
+:func:`is_error_message` on each stanza, the test a client makes on every
+message it receives.
 
 Run: ``PYTHONPATH=.dev .venv/bin/python bench/stream_parse.py [--count N] [--profile]``
 (``--profile`` prints the top of a cProfile of one run).
@@ -17,7 +19,8 @@ import cProfile
 import pstats
 import time
 
-from dsmt.transports.psepr.stream import STREAM_CLOSE, Stanza, StreamParser, stream_header, wrap_message
+from dsmt.transports.psepr.stream import (
+    STREAM_CLOSE, Stanza, StreamParser, is_error_message, stream_header, wrap_message)
 
 CHUNK_BYTES = 64 * 1024
 STANZA_BYTES = 1024
@@ -68,6 +71,16 @@ def main() -> None:
     assert stanzas == args.count, stanzas
     print(f"{stanzas} stanzas of {len(event_stanza(0))} bytes in {best:.3f} s: "
           f"{stanzas / best:,.0f} stanzas/s, {len(data) / best / 1e6:.1f} MB/s")
+    raws = [event_stanza(i) for i in range(1000)]
+    best = float("inf")
+    for _ in range(args.runs):
+        started = time.perf_counter()
+        for _ in range(100):
+            for raw in raws:
+                is_error_message(raw)
+        best = min(best, time.perf_counter() - started)
+    assert not any(is_error_message(raw) for raw in raws)
+    print(f"is_error_message: {best / (100 * len(raws)) * 1e6:.2f} µs per message")
     if args.profile:
         profiler = cProfile.Profile()
         profiler.runcall(parse, data)

@@ -16,10 +16,21 @@ The table is a trie keyed by channel segment, so a lookup costs one step per
 segment of C plus the leases found on the way, independent of how many leases
 exist elsewhere.  Time comes from an injectable ``clock`` (seconds, monotonic)
 so expiry is tested without waiting.
+
+The router asks the same question for every event it routes, and the answers
+change only when a lease is granted, renewed, released or reaped (each bumps
+the table's :attr:`~LeaseTable.generation`) or when a lease lapses.  So
+:meth:`LeaseTable.receivers` remembers its answers per (channel, payload type,
+to/service, to/instance) within one generation (a bump forgets them all), each
+with the span of clock time over which it stays exact: from the lookup to the
+earliest expiry among the leases it found.  A lookup outside that span looks
+again, so a lease still lapses exactly at its time, before the reaper runs, as
+without the cache.
 """
 from __future__ import annotations
 
 import heapq
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Hashable
@@ -27,7 +38,8 @@ from typing import Callable, Hashable
 from dsmt.transports.psepr.channel import channel_segments
 from dsmt.transports.psepr.event import canonical_payload_type
 
-__all__ = ["LeaseTable", "Lease", "LeaseError", "DEFAULT_MAX_LEASE_SECONDS", "MAX_LEASES_PER_HOLDER"]
+__all__ = ["LeaseTable", "Lease", "LeaseError", "DEFAULT_MAX_LEASE_SECONDS", "MAX_LEASES_PER_HOLDER",
+           "RECEIVERS_CACHE_SIZE", "MAX_CACHED_KEY_CHARS", "MAX_CACHED_HOLDERS"]
 
 #: Longest lease a router grants unless configured otherwise.  The original
 #: clients asked for 3600 s by default and renewed at 80 %; an hour bounds how
@@ -38,6 +50,25 @@ DEFAULT_MAX_LEASE_SECONDS = 3600
 #: deployment while keeping one misbehaving client from filling the router's
 #: memory (each lease costs a few hundred bytes).
 MAX_LEASES_PER_HOLDER = 16_384
+#: Most answers :meth:`LeaseTable.receivers` remembers.  When full it starts
+#: afresh rather than tracking recency: every lease change starts it afresh
+#: anyway, so entries are short-lived, and a hit stays one dict lookup.  A
+#: router sees a few hundred to a few thousand distinct (channel, type, to)
+#: headers between two lease changes (the status channels of every node of a
+#: deployment); 4,096 covers that.  Memory: an entry of a typical header
+#: (~100-character channel, a few holders) is ~0.4 KB, 1.6 MB for a full cache;
+#: the two limits below bound the worst entry to ~4 KB (measured: a 512-character
+#: key of 4-byte characters, 256 holders), 17 MB for a full cache, whatever
+#: senders write.
+RECEIVERS_CACHE_SIZE = 4096
+#: Longest header (channel + payload type + service + instance, in characters)
+#: whose answer is remembered.  Real headers are 100-300 characters; the payload
+#: type, though, is whatever namespace a sender writes (up to a whole stanza),
+#: and remembering it would let a sender pin that much memory per entry.
+MAX_CACHED_KEY_CHARS = 512
+#: Largest answer (holders) remembered.  Delivering to that many costs far more
+#: than looking them up, so remembering gains little, and it bounds the entry.
+MAX_CACHED_HOLDERS = 256
 
 
 class LeaseError(ValueError):
@@ -76,6 +107,12 @@ class LeaseTable:
         self._by_holder: dict[Hashable, dict[str, Lease]] = {}
         self._expiry_heap: list[tuple[float, int, Lease]] = []
         self._sequence = 0
+        #: Bumped by every change to the set of leases (grant, renewal, release, expiry).
+        self.generation = 0
+        # receivers() answers of this generation (forgotten at once on a bump, so
+        # they never keep a departed holder alive): key -> (holders, exact from
+        # this clock time, until this one (excluded))
+        self._cache: dict[tuple, tuple[list, float, float]] = {}
 
     def __len__(self) -> int:
         return len(self._by_key)
@@ -115,6 +152,7 @@ class LeaseTable:
         self._by_holder.setdefault(holder, {})[identifier] = lease
         self._sequence += 1
         heapq.heappush(self._expiry_heap, (lease.expires_at, self._sequence, lease))
+        self._changed()
         return lease
 
     def release(self, holder: Hashable, identifier: str) -> Lease | None:
@@ -150,7 +188,14 @@ class LeaseTable:
             heapq.heappop(heap)  # drop heap entries of released or renewed leases
         return heap[0][0] if heap else None
 
+    def _changed(self) -> None:
+        """The set of leases changed: a new generation, whose receivers are yet to be looked up."""
+        self.generation += 1
+        if self._cache:
+            self._cache.clear()
+
     def _unlink(self, lease: Lease) -> None:
+        self._changed()
         del self._by_key[(lease.holder, lease.identifier)]
         mine = self._by_holder[lease.holder]
         del mine[lease.identifier]
@@ -178,22 +223,49 @@ class LeaseTable:
 
         ``channel`` must already be valid (the caller parsed it); an unknown
         or invalid channel simply has no receivers beyond the root's leases.
+        The answer is a new list, the caller's to keep.
         """
         now = self._clock()
+        key = (channel, payload_type, to_service, to_instance)
+        cache = self._cache
+        hit = cache.get(key)
+        if hit is not None and hit[1] <= now < hit[2]:
+            return hit[0].copy()
+        holders, until = self._lookup(channel, payload_type, to_service, to_instance, now)
+        if (len(holders) <= MAX_CACHED_HOLDERS and MAX_CACHED_KEY_CHARS
+                >= len(channel) + len(payload_type or "") + len(to_service or "") + len(to_instance or "")):
+            if len(cache) >= RECEIVERS_CACHE_SIZE:
+                cache.clear()
+            cache[key] = (holders, now, until)
+            return holders.copy()
+        return holders
+
+    def _lookup(self, channel: str, payload_type: str | None, to_service: str | None, to_instance: str | None,
+                now: float) -> tuple[list[Hashable], float]:
+        """The receivers at clock time ``now``, and the earliest expiry among the leases that select them.
+
+        The answer stays exact from ``now`` until that expiry (excluded): the
+        leases found are all still alive until then, and those left out for
+        having lapsed stay lapsed.
+        """
         payload_type = canonical_payload_type(payload_type)
         found: dict[Hashable, None] = {}
+        until = math.inf
         node = self._root
         segments = channel[1:-1].split("/") if len(channel) > 1 else ()
         index = 0
         while node is not None:
             for lease in node.leases:
-                if (lease.expires_at > now
+                expires_at = lease.expires_at
+                if (expires_at > now
                         and (lease.payload_type is None or lease.payload_type == payload_type)
                         and (to_service is None or lease.service == to_service)
                         and (to_instance is None or lease.instance == to_instance)):
                     found[lease.holder] = None
+                    if expires_at < until:
+                        until = expires_at
             if index == len(segments):
                 break
             node = node.children.get(segments[index])
             index += 1
-        return list(found)
+        return list(found), until

@@ -38,6 +38,7 @@ server refuses with ``maximum control line exceeded``.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import re
@@ -53,7 +54,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 __all__ = [
-    "SUBJECT_ROOT", "MAX_CONTROL_LINE", "DEFAULT_MAX_PAYLOAD", "MAX_PAYLOAD_CEILING",
+    "SUBJECT_ROOT", "MAX_CONTROL_LINE", "DEFAULT_MAX_PAYLOAD", "MAX_PAYLOAD_CEILING", "SUBJECT_CACHE_SIZE",
     "NatsError", "NatsProtocolError", "NatsServerError", "NatsAuthorizationError",
     "NatsNotConnectedError",
     "channel_to_subject", "subject_to_channel", "subtree_subjects",
@@ -82,6 +83,18 @@ DEFAULT_MAX_PAYLOAD = 1024 * 1024
 MAX_PAYLOAD_CEILING = 64 * 1024 * 1024
 
 CRLF = b"\r\n"
+
+#: Channels whose subject, and subjects whose validated ``PUB <subject> `` prefix,
+#: are remembered (two LRU caches of this size).  Mapping a channel costs a
+#: regular-expression pass per segment and validating a subject one more pass:
+#: ~7 and ~4 µs, against ~3 µs for the rest of a publish.  A client publishes to
+#: the channels of its own components and receives from those under its leases
+#: (the receiving side checks each event's subject): tens to a few thousand
+#: channels; 4,096 covers a PLDB watching a large deployment.  Memory per channel
+#: in both caches (its channel, subject and prefix): ~0.6 KB for a real one,
+#: 2.5 MB when full; ~7.4 KB for the longest valid one (1 KiB of dots), so at
+#: most 30 MB were every channel like that.
+SUBJECT_CACHE_SIZE = 4096
 
 
 class NatsError(Exception):
@@ -122,13 +135,16 @@ def _percent_escape(match: re.Match[str]) -> str:
     return "".join(f"%{byte:02X}" for byte in match.group().encode("utf-8"))
 
 
+@functools.lru_cache(maxsize=SUBJECT_CACHE_SIZE)
 def channel_to_subject(channel: str) -> str:
     """Map a channel (``/``-delimited path, ``/`` for the root) to its NATS subject.
 
     Total on every string that starts and ends with ``/`` and has no empty
     segment; raises :class:`ValueError` otherwise.  Character rules and the
     1024-byte limit are ``channel.py``'s job; this function escapes whatever
-    it is given so that each segment stays exactly one NATS token.
+    it is given so that each segment stays exactly one NATS token.  Results
+    are remembered (:data:`SUBJECT_CACHE_SIZE` channels, least recently used
+    forgotten first).
     """
     if not (channel.startswith("/") and channel.endswith("/")):
         raise ValueError(f"channel {channel!r} must start and end with '/'")
@@ -405,16 +421,28 @@ def connect_command(options: dict) -> bytes:
     return _command(b"CONNECT", json.dumps(options, separators=(",", ":")).encode("ascii"))
 
 
+@functools.lru_cache(maxsize=SUBJECT_CACHE_SIZE)
+def _pub_prefix(subject: str) -> bytes:
+    """``PUB <subject> `` for a literal subject, validated once and remembered (ValueError if invalid)."""
+    return b"PUB " + _subject_bytes(subject, wildcards=False) + b" "
+
+
 def pub_command(subject: str, payload: bytes, reply: str | None = None) -> bytes:
     """``PUB`` with its payload; *subject* and *reply* must be literal (no wildcards).
 
     The payload size is not checked here: the limit is the connected server's
     ``max_payload``, which :meth:`NatsClientProtocol.publish` enforces.
+    Without *reply* (what PsEPR sends), the validated ``PUB <subject> `` is
+    remembered per subject.
     """
-    fields = [b"PUB", _subject_bytes(subject, wildcards=False)]
-    if reply is not None:
-        fields.append(_subject_bytes(reply, wildcards=False))
-    fields.append(b"%d" % len(payload))
+    if reply is None:
+        prefix = _pub_prefix(subject)
+        size = b"%d" % len(payload)
+        if len(prefix) + len(size) > MAX_CONTROL_LINE:
+            raise ValueError(f"PUB line of {len(prefix) + len(size)} bytes exceeds {MAX_CONTROL_LINE}")
+        return prefix + size + CRLF + payload + CRLF
+    fields = (b"PUB", _subject_bytes(subject, wildcards=False), _subject_bytes(reply, wildcards=False),
+              b"%d" % len(payload))
     return _command(*fields) + payload + CRLF
 
 

@@ -60,9 +60,17 @@ ROUTER_SERVICE = "psepr-router"
 #: Where the router publishes its counters (one attribute event per counter, instance = router name).
 STATS_CHANNEL = "/org/dsmt/ns/psepr/router/stats/"
 #: Bytes a client may leave unread before it is disconnected as a slow consumer.
-#: 4 MiB is ~4,000 typical events: seconds of backlog for a consumer that can
-#: keep up on average, while 1,000 stuck clients still cost at most 4 GB.
-DEFAULT_MAX_OUTPUT_BUFFER = 4 * 1024 * 1024
+#: What it buys is time: how long a subscriber may fall behind what is routed to
+#: it before it counts as stuck.  16 MiB is ~15,000 events of ~1.1 KB: about one
+#: second at the ~15,000 events/s a Python subscriber took when this was measured
+#: (bench/RESULTS.md), ~0.4 s at the ~38,000 events/s the router delivers 1→1
+#: with today's client; 4 MiB dropped such a healthy subscriber ~0.25 s into an
+#: unthrottled burst, after ~3,850 events.  (nats-server allows 64 MB, its
+#: ``max_pending``.)  The cost: a stuck client holds up to this much, plus
+#: Twisted's 64 KiB, until it is dropped, so 100 clients stuck at once on one
+#: busy stream hold ~1.7 GB until their allowances fill (a second or less at the
+#: rates above) and they are dropped.
+DEFAULT_MAX_OUTPUT_BUFFER = 16 * 1024 * 1024
 #: Seconds a new connection has to log in; an idle unauthenticated socket
 #: otherwise holds a slot forever.
 LOGIN_TIMEOUT = 30

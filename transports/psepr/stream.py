@@ -634,10 +634,14 @@ def parse_iq(raw_iq: bytes) -> IqInfo:
     return IqInfo(kind, iq_id, namespace)
 
 
+#: ``type="error"`` (or ``'error'``) among a start tag's attributes.
+_ERROR_TYPE = re.compile(rb"""\stype\s*=\s*["']error["']""")
+
+
 def is_error_message(raw_message: bytes) -> bool:
     """Cheap test on a message stanza's start tag: is it ``type="error"``?"""
     head = _TAG.match(raw_message)
-    return head is not None and re.search(rb"""\stype\s*=\s*["']error["']""", head.group()) is not None
+    return head is not None and _ERROR_TYPE.search(head.group()) is not None
 
 
 def parse_error_message(raw_message: bytes):
