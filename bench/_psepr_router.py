@@ -2,8 +2,8 @@
 
 Run: ``python bench/_psepr_router.py [--cprofile FILE] [psepr-router options]``, e.g.
 ``--listen tcp:0:interface=127.0.0.1 --accounts FILE``.  It parses the
-daemon's own options (``router_service.Options``), builds the daemon's own
-service (``router_service.makeService``) and runs the reactor, logging to
+daemon's own options (``daemon.Options``), builds the daemon's own
+service (``daemon.makeService``) and runs the reactor, logging to
 stdout as ``twistd -n`` does.  The benchmark uses it when the twistd dropin
 is not installed (``PYTHONPATH=.dev`` runs of the working tree) and whenever
 it profiles the router: SIGTERM stops the reactor and the cProfile statistics
@@ -16,17 +16,17 @@ import sys
 from twisted.internet import reactor
 from twisted.logger import globalLogBeginner, textFileLogObserver
 
-from dsmt.transports.psepr import router_service
+from dsmt.server.psepr_router import daemon
 
 
 def main(argv: list[str]) -> int:
     profile = None
     if argv[:1] == ["--cprofile"]:
         profile, argv = argv[1], argv[2:]
-    options = router_service.Options()
+    options = daemon.Options()
     options.parseOptions(argv)
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)], redirectStandardIO=False)
-    service = router_service.makeService(options)
+    service = daemon.makeService(options)
     service.startService()
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     if profile:

@@ -97,7 +97,11 @@ class Options(usage.Options):
         ["instance", "i", os.uname().nodename, "instance name"],
         ["db", "d", "pldb.sqlite", "SQLite database file (created if missing)"],
         ["query-channel", "q", QUERY_CHANNEL, "channel PLDB answers queries on"],
+        ["manage-http", None, None, "strports endpoint of the manageability port (WSDM over SOAP/HTTP: "
+         "/manage SOAP 1.1, /manage12 SOAP 1.2); default: none"],
     ]
+    optFlags = [["manage-psepr", None, "serve manageability over PsEPR too (SOAP 1.1 and 1.2 on "
+                                       "/org/dsmt/ns/soap/manageability/, on PLDB's own connection)"]]
 
     def __init__(self):
         super().__init__()
@@ -128,5 +132,16 @@ def _read_password(path: str | None) -> str | None:
 
 
 def makeService(options) -> service.Service:
-    return PldbService(options["connection"], PldbStore(options["db"]), options["watch"],
-                       options["query-channel"])
+    pldb = PldbService(options["connection"], PldbStore(options["db"]), options["watch"], options["query-channel"])
+    if not (options["manage-http"] or options["manage-psepr"]):
+        return pldb
+    from dsmt.server.manage.daemons import PldbResource, http_service, psepr_service
+    top = service.MultiService()
+    pldb.setServiceParent(top)
+    top.pldb = pldb
+    top.manage = PldbResource(pldb, options["db"])
+    if options["manage-http"]:
+        http_service(top.manage, options["manage-http"]).setServiceParent(top)
+    if options["manage-psepr"]:
+        psepr_service(top.manage, pldb.connection).setServiceParent(top)
+    return top

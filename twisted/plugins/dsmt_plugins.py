@@ -8,7 +8,7 @@ from twisted.application.service import ServiceMaker
 
 psepr_router = ServiceMaker(
     "dsmt PsEPR router",
-    "dsmt.transports.psepr.router_service",
+    "dsmt.server.psepr_router.daemon",
     "PsEPR event router: leases, subtree routing, XMPP-style stream (default port 23345)",
     "psepr-router",
 )

@@ -38,6 +38,8 @@ class Options(usage.Options):
         ["stats-interval", None, 10.0, "seconds between counter reports (0: never)", float],
         ["login-timeout", None, float(LOGIN_TIMEOUT), "seconds a new connection has to log in", float],
         ["name", None, os.uname().nodename, "router name (instance in the events it writes)"],
+        ["manage-http", None, None, "strports endpoint of the manageability port (WSDM over SOAP/HTTP: "
+         "/manage SOAP 1.1, /manage12 SOAP 1.2); default: none"],
     ]
     optFlags = [["allow-anonymous", None, "accept any login (no accounts file); for local experiments only"]]
 
@@ -83,6 +85,10 @@ def makeService(options) -> service.Service:
     if options["stats-interval"] > 0:
         TimerService(options["stats-interval"], _report, factory.core).setServiceParent(top)
     top.router = factory  # for operators and tests holding the service
+    if options["manage-http"]:
+        from dsmt.server.manage.daemons import RouterResource, http_service  # only with --manage-http
+        top.manage = RouterResource(factory, options["listen"])
+        http_service(top.manage, options["manage-http"]).setServiceParent(top)
     return top
 
 

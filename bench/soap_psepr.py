@@ -1,0 +1,451 @@
+"""SOAP over PsEPR against SOAP over HTTP, and multicast calls to 10, 100 and 200 instances.
+
+Processes (all on 127.0.0.1, each with its own reactor):
+
+* a PsEPR router (``RouterFactory``, anonymous logins);
+* a service process holding one :class:`~dsmt.transports.psepr_soap.PsEPRSoapEndpoint` (PsEPR) and a
+  :class:`~dsmt.transports.http.SoapResource` (HTTP) over one trivial operation ``ping(text) -> text``
+  (SOAP 1.1, two cores from the same service class: one per transport);
+* load processes: ``--callers`` concurrent callers (1 and 20), split over ``--load-processes``.
+  Both transports send the envelope zeep builds for ``ping("hello")`` (WS-Addressing included), a
+  fresh MessageID per call.  HTTP callers write prepared requests on persistent connections and read
+  the replies' ``Content-Length``; PsEPR callers use :class:`PsEPRTransport` itself (``post``: the
+  event is built and sent, the reply is decoded, parsed and correlated by ``RelatesTo``) — the PsEPR
+  client does more per call than the HTTP one, never less.
+* multicast: ``N`` instances (10, 100, 200) spread over ``--hosts`` processes, each instance its own
+  ``PsEPRConnection`` + endpoint; a caller process runs ``multicast_call(expected=N)`` ``--rounds``
+  times and reports the time until every reply is in (p50, p99).
+
+Bars (from the issue): PsEPR ≥ HTTP in calls/s at 20 concurrent callers; multicast to 200 p50 ≤ 0.5 s.
+
+Run (from the repository)::
+
+    PYTHONPATH=.dev .venv/bin/python bench/soap_psepr.py            # ~1 min
+    PYTHONPATH=.dev .venv/bin/python bench/soap_psepr.py --quick    # smoke run
+
+Exit status 0 when every measurement was taken (the verdict is printed as PASS/MISS), 1 otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve()
+TNS = "http://dsmt.org/ns/bench/ping"
+SERVICE = "ping"
+BAR_MULTICAST_P50 = 0.5
+
+
+def child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    if env.get("PYTHONPATH"):
+        env["PYTHONPATH"] = os.pathsep.join(os.path.abspath(p) for p in env["PYTHONPATH"].split(os.pathsep) if p)
+    return env
+
+
+def make_core(transport_uri: str):
+    from spyne import ServiceBase, Unicode, rpc
+
+    from dsmt.transports.soap.core import SoapCore
+
+    class PingService(ServiceBase):
+        @rpc(Unicode, _returns=Unicode)
+        def ping(ctx, text):
+            return text
+
+    return SoapCore([PingService], TNS, "PingService", transport_uri=transport_uri)
+
+
+def request_template(core, address: str) -> bytes:
+    """zeep's envelope for ``ping("hello")`` with ``@MID@`` where its MessageID goes."""
+    import zeep
+    from zeep.wsdl.utils import etree_to_string
+
+    from dsmt.transports.soap.zeepsupport import make_client
+    from dsmt.transports.psepr_soap import PsEPRTransport
+
+    transport = zeep.Transport()
+    transport.binding_classes = PsEPRTransport.binding_classes
+    client = make_client(core.wsdl(address), transport)
+    envelope = client.create_message(client.service, "ping", "hello")
+    message_id = envelope.find(".//{http://www.w3.org/2005/08/addressing}MessageID")
+    message_id.text = "@MID@"
+    return etree_to_string(envelope)
+
+
+def emit(**fields) -> None:
+    print(json.dumps(fields), flush=True)
+
+
+# ---------------------------------------------------------------- child roles
+
+def role_router() -> None:
+    from twisted.internet import reactor
+
+    from dsmt.transports.psepr.router import RouterFactory
+
+    factory = RouterFactory(accounts=None, check_logins_in_thread=False)
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1", backlog=256)
+    emit(port=port.getHost().port)
+    reactor.run()
+
+
+def _connect_all(url: str, names: list[str]):
+    from twisted.internet import defer
+
+    from dsmt.transports.psepr.client import PsEPRConnection
+
+    connections = [PsEPRConnection.from_urls(url, service="bench", password="x", instance=name) for name in names]
+    return defer.gatherResults([c.connect(retry=False) for c in connections]).addCallback(lambda _: connections)
+
+
+def role_host(url: str, count: int, prefix: str, http: bool) -> None:
+    """``count`` endpoints (own connection each); with ``http`` also the HTTP resource on one port."""
+    from twisted.internet import defer, reactor
+
+    from dsmt.transports.psepr_soap import PSEPR_TRANSPORT, PsEPRSoapEndpoint
+    from dsmt.transports.soap import HTTP_TRANSPORT
+
+    core = make_core(PSEPR_TRANSPORT)
+
+    @defer.inlineCallbacks
+    def start():
+        connections = yield _connect_all(url, [f"{prefix}{n:03d}" for n in range(count)])
+        endpoints = [PsEPRSoapEndpoint(c, core, SERVICE) for c in connections]
+        yield defer.gatherResults([e.start() for e in endpoints])
+        yield defer.gatherResults([c.flush() for c in connections])
+        port = None
+        if http:
+            from twisted.web.resource import Resource
+            from dsmt.transports.http import SoapResource, SoapSite
+            root = Resource()
+            root.putChild(b"soap", SoapResource(make_core(HTTP_TRANSPORT)))
+            port = reactor.listenTCP(0, SoapSite(root, logPath=os.devnull), interface="127.0.0.1", backlog=256)
+            port = port.getHost().port
+        gc.freeze()
+        emit(ready=True, http_port=port)
+
+    start().addErrback(lambda f: (f.printTraceback(file=sys.stderr), reactor.stop()))
+    reactor.run()
+
+
+def role_load_http(port: int, callers: int, warmup: float, seconds: float) -> None:
+    import uuid
+
+    from twisted.internet import protocol, reactor
+
+    template = request_template(make_core("http://schemas.xmlsoap.org/soap/http"), f"http://127.0.0.1:{port}/soap")
+    start = time.perf_counter_ns() + int(warmup * 1e9)
+    stop = start + int(seconds * 1e9)
+    latencies: list[int] = []
+    failures = [0]
+    done: list = []
+
+    class Caller(protocol.Protocol):
+        def connectionMade(self):
+            self.transport.setTcpNoDelay(True)
+            self.buffer = b""
+            self.send()
+
+        def send(self):
+            body = template.replace(b"@MID@", f"urn:uuid:{uuid.uuid4()}".encode())
+            self.sent = time.perf_counter_ns()
+            self.transport.write(b"POST /soap HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: text/xml; charset=utf-8\r\n"
+                                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+
+        def dataReceived(self, data):
+            self.buffer += data
+            while True:
+                end = self.buffer.find(b"\r\n\r\n")
+                if end < 0:
+                    return
+                headers = self.buffer[:end].lower()
+                length = int(headers.split(b"content-length:")[1].split(b"\r\n")[0])
+                if len(self.buffer) < end + 4 + length:
+                    return
+                if not headers.startswith(b"http/1.1 200"):
+                    failures[0] += 1
+                self.buffer = self.buffer[end + 4 + length:]
+                now = time.perf_counter_ns()
+                if start <= self.sent and now <= stop:
+                    latencies.append(now - self.sent)
+                if now > stop:
+                    self.transport.loseConnection()
+                    return
+                self.send()
+
+        def connectionLost(self, reason):
+            done.append(self)
+            if len(done) == callers:
+                reactor.stop()
+
+    factory = protocol.ClientFactory.forProtocol(Caller)
+    for _ in range(callers):
+        reactor.connectTCP("127.0.0.1", port, factory)
+    reactor.run()
+    emit(calls=len(latencies), failures=failures[0], latencies_us=[n // 1000 for n in latencies])
+
+
+def role_load_treq(port: int, callers: int, warmup: float, seconds: float) -> None:
+    """HTTP callers at the PsEPR callers' level: ``TreqTransport.post_xml``-style calls through treq's
+    persistent pool (the HTTP client a zeep caller inside a reactor uses), reply bytes read."""
+    import uuid
+
+    from twisted.internet import defer, reactor
+
+    from dsmt.transports.http import TreqTransport
+
+    address = f"http://127.0.0.1:{port}/soap"
+    template = request_template(make_core("http://schemas.xmlsoap.org/soap/http"), address)
+    latencies: list[int] = []
+    failures = [0]
+
+    async def caller(transport, start, stop):
+        while (now := time.perf_counter_ns()) < stop:
+            body = template.replace(b"@MID@", f"urn:uuid:{uuid.uuid4()}".encode())
+            response = await transport.http.post(address, data=body,
+                                                 headers={"Content-Type": "text/xml; charset=utf-8"})
+            await response.content()
+            if response.code != 200:
+                failures[0] += 1
+            end = time.perf_counter_ns()
+            if now >= start and end <= stop:
+                latencies.append(end - now)
+
+    @defer.inlineCallbacks
+    def main():
+        transport = TreqTransport(timeout=10)
+        gc.freeze()
+        start = time.perf_counter_ns() + int(warmup * 1e9)
+        stop = start + int(seconds * 1e9)
+        yield defer.gatherResults([defer.ensureDeferred(caller(transport, start, stop)) for _ in range(callers)])
+        emit(calls=len(latencies), failures=failures[0], latencies_us=[n // 1000 for n in latencies])
+        yield defer.ensureDeferred(transport.aclose())
+        reactor.stop()
+
+    main().addErrback(lambda f: (f.printTraceback(file=sys.stderr), reactor.stop()))
+    reactor.run()
+
+
+def role_load_psepr(url: str, callers: int, warmup: float, seconds: float, instance: str) -> None:
+    import uuid
+
+    from twisted.internet import defer, reactor
+
+    from dsmt.transports.psepr_soap import PSEPR_TRANSPORT, PsEPRTransport, service_address
+
+    address = service_address(SERVICE)
+    latencies: list[int] = []
+    failures = [0]
+
+    async def caller(transport, template, start, stop):
+        while (now := time.perf_counter_ns()) < stop:
+            body = template.replace(b"@MID@", f"urn:uuid:{uuid.uuid4()}".encode())
+            try:
+                response = await transport.post(address, body, {"Content-Type": "text/xml; charset=utf-8"})
+                if response.status_code != 200:
+                    failures[0] += 1
+            except Exception as exc:
+                failures[0] += 1
+                print(f"call failed: {exc}", file=sys.stderr)
+                continue
+            end = time.perf_counter_ns()
+            if now >= start and end <= stop:
+                latencies.append(end - now)
+
+    @defer.inlineCallbacks
+    def main():
+        (connection,) = yield _connect_all(url, [instance])
+        transport = PsEPRTransport(connection, timeout=10)
+        yield transport.start()
+        template = request_template(make_core(PSEPR_TRANSPORT), address)
+        template = template.replace(b"</wsa:MessageID>", b"</wsa:MessageID>" + transport._reply_to_block(), 1) \
+            if b"</wsa:MessageID>" in template else template
+        gc.freeze()
+        start = time.perf_counter_ns() + int(warmup * 1e9)
+        stop = start + int(seconds * 1e9)
+        yield defer.gatherResults([defer.ensureDeferred(caller(transport, template, start, stop))
+                                   for _ in range(callers)])
+        emit(calls=len(latencies), failures=failures[0], latencies_us=[n // 1000 for n in latencies])
+        reactor.stop()
+
+    main().addErrback(lambda f: (f.printTraceback(file=sys.stderr), reactor.stop()))
+    reactor.run()
+
+
+def role_multicast(url: str, instances: int, rounds: int, deadline: float) -> None:
+    from twisted.internet import defer, reactor
+
+    from dsmt.transports.psepr_soap import PSEPR_TRANSPORT, PsEPRTransport, multicast_call, service_address
+    from dsmt.transports.soap.zeepsupport import make_client
+
+    @defer.inlineCallbacks
+    def main():
+        (connection,) = yield _connect_all(url, ["mcaller"])
+        transport = PsEPRTransport(connection, timeout=10)
+        yield transport.start()
+        client = make_client(make_core(PSEPR_TRANSPORT).wsdl(service_address(SERVICE)), transport, asynchronous=True)
+        gc.freeze()
+        times, complete = [], 0
+        for n in range(rounds + 2):  # two warm-up rounds
+            began = time.perf_counter()
+            results = yield multicast_call(transport, client.service, "ping", ("hi",), expected=instances,
+                                           deadline=deadline)
+            took = time.perf_counter() - began
+            if n >= 2:
+                times.append(took)
+                complete += sum(1 for r in results.values() if r.ok) == instances
+        emit(times=times, complete=complete)
+        reactor.stop()
+
+    main().addErrback(lambda f: (f.printTraceback(file=sys.stderr), reactor.stop()))
+    reactor.run()
+
+
+# ---------------------------------------------------------------- orchestration
+
+def spawn(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(HERE), *args], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            env=child_env(), text=True)
+
+
+def first_line(process: subprocess.Popen) -> dict:
+    line = process.stdout.readline()
+    if not line:
+        raise RuntimeError(f"child {process.args[2:]} ended without answering (exit {process.wait()})")
+    return json.loads(line)
+
+
+def stop(*processes: subprocess.Popen) -> None:
+    for process in processes:
+        if process.poll() is None:
+            process.terminate()
+    for process in processes:
+        try:
+            process.wait(5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def percentile(values: list, share: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(share * len(ordered)))] if ordered else float("nan")
+
+
+def run_load(kind: str, target: str, callers: int, processes: int, warmup: float, seconds: float) -> dict:
+    splits = [callers // processes + (1 if n < callers % processes else 0) for n in range(processes)]
+    children = []
+    for n, share in enumerate(s for s in splits if s):
+        if kind in ("http", "treq"):
+            children.append(spawn(f"load-{kind}", target, str(share), str(warmup), str(seconds)))
+        else:
+            children.append(spawn("load-psepr", target, str(share), str(warmup), str(seconds), f"caller{n}"))
+    calls, failures, latencies = 0, 0, []
+    for child in children:
+        result = first_line(child)
+        child.wait()
+        calls += result["calls"]
+        failures += result["failures"]
+        latencies += result["latencies_us"]
+    return {"rate": calls / seconds, "p50": percentile(latencies, 0.5) / 1000, "p99": percentile(latencies, 0.99) / 1000,
+            "failures": failures}
+
+
+def main(argv: list[str]) -> int:
+    if argv and argv[0] == "router":
+        role_router()
+        return 0
+    if argv and argv[0] == "host":
+        role_host(argv[1], int(argv[2]), argv[3], argv[4] == "http")
+        return 0
+    if argv and argv[0] == "load-http":
+        role_load_http(int(argv[1]), int(argv[2]), float(argv[3]), float(argv[4]))
+        return 0
+    if argv and argv[0] == "load-treq":
+        role_load_treq(int(argv[1]), int(argv[2]), float(argv[3]), float(argv[4]))
+        return 0
+    if argv and argv[0] == "load-psepr":
+        role_load_psepr(argv[1], int(argv[2]), float(argv[3]), float(argv[4]), argv[5])
+        return 0
+    if argv and argv[0] == "multicast":
+        role_multicast(argv[1], int(argv[2]), int(argv[3]), float(argv[4]))
+        return 0
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--warmup", type=float, default=1.0)
+    parser.add_argument("--load-processes", type=int, default=2)
+    parser.add_argument("--hosts", type=int, default=4, help="processes hosting the multicast instances")
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--quick", action="store_true")
+    options = parser.parse_args(argv)
+    if options.quick:
+        options.seconds, options.warmup, options.rounds = 1.5, 0.5, 5
+
+    print(f"# SOAP over PsEPR vs HTTP — Python {platform.python_version()}, {os.cpu_count()} CPUs, "
+          f"{options.seconds:g} s per point")
+    router = spawn("router")
+    processes = [router]
+    try:
+        url = f"psepr://127.0.0.1:{first_line(router)['port']}"
+        server = spawn("host", url, "1", "srv", "http")
+        processes.append(server)
+        http_port = first_line(server)["http_port"]
+        rows = {}
+        for callers in (1, 20):
+            split = 1 if callers == 1 else options.load_processes
+            rows[("HTTP raw", callers)] = run_load("http", str(http_port), callers, split, options.warmup,
+                                                   options.seconds)
+            rows[("HTTP treq", callers)] = run_load("treq", str(http_port), callers, split, options.warmup,
+                                                    options.seconds)
+            rows[("PsEPR", callers)] = run_load("psepr", url, callers, split, options.warmup, options.seconds)
+        stop(server)
+        processes.remove(server)
+        print(f"{'transport':<11}{'callers':>8}{'calls/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'failed':>8}")
+        for (kind, callers), row in rows.items():
+            print(f"{kind:<11}{callers:>8}{row['rate']:>10.0f}{row['p50']:>9.2f}{row['p99']:>9.2f}{row['failures']:>8}")
+
+        print(f"\n{'multicast to':<14}{'hosts':>6}{'rounds':>8}{'complete':>10}{'p50 s':>8}{'p99 s':>8}")
+        multicast = {}
+        for instances in (10, 100, 200):
+            hosts = min(options.hosts, instances)
+            per = [instances // hosts + (1 if n < instances % hosts else 0) for n in range(hosts)]
+            children = [spawn("host", url, str(count), f"h{n}-", "-") for n, count in enumerate(per)]
+            processes += children
+            for child in children:
+                first_line(child)
+            caller = spawn("multicast", url, str(instances), str(options.rounds), "5")
+            result = first_line(caller)
+            caller.wait()
+            stop(*children)
+            for child in children:
+                processes.remove(child)
+            p50, p99 = percentile(result["times"], 0.5), percentile(result["times"], 0.99)
+            multicast[instances] = p50
+            print(f"{instances:<14}{hosts:>6}{len(result['times']):>8}{result['complete']:>10}{p50:>8.3f}{p99:>8.3f}")
+
+        psepr = rows[("PsEPR", 20)]["rate"]
+        for kind in ("HTTP treq", "HTTP raw"):
+            http = rows[(kind, 20)]["rate"]
+            print(f"\nPsEPR ≥ {kind} at 20 callers: {psepr:.0f} vs {http:.0f} calls/s — "
+                  f"{'PASS' if psepr >= http else 'MISS'}", end="")
+        print()
+        print(f"multicast to 200, p50 ≤ {BAR_MULTICAST_P50} s: {multicast[200]:.3f} s — "
+              f"{'PASS' if multicast[200] <= BAR_MULTICAST_P50 else 'MISS'}")
+        return 0
+    except Exception as exc:
+        print(f"benchmark failed: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        stop(*processes)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
