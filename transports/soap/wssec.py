@@ -129,6 +129,9 @@ __all__ = [
     "FAILED_AUTHENTICATION", "FAILED_CHECK", "SECURITY_TOKEN_UNAVAILABLE", "MESSAGE_EXPIRED",
     "WsSecurityFault", "SigningError", "VerifiedCaller", "SignedEnvelope", "Signer", "Verifier", "ReplayCache",
     "WsSecurityPolicy", "SigningTransport", "AsyncSigningTransport", "is_fault",
+    # XML-DSig primitives shared with the agent's signed tickets (dsmt.server.agent.tickets)
+    "WEAK_SIGNATURE_METHODS", "WEAK_DIGEST_METHODS", "SIGNATURE_URI_FOR", "canonical_bytes", "key_kind",
+    "sign_bytes", "signature_verifies",
 ]
 
 # ----------------------------------------------------------------------------------- namespaces
@@ -188,7 +191,7 @@ SIGNATURE_METHODS = {
 }
 #: Signature methods refused as weak: SHA-1, MD5, SHA-224, RIPEMD-160 hashes
 #: (below "RSA-SHA256 or better"), and HMAC (a shared secret names no signer).
-_WEAK_SIGNATURE_METHODS = {
+WEAK_SIGNATURE_METHODS = {
     "http://www.w3.org/2000/09/xmldsig#rsa-sha1": "rsa-sha1",
     "http://www.w3.org/2000/09/xmldsig#dsa-sha1": "dsa-sha1",
     "http://www.w3.org/2000/09/xmldsig#hmac-sha1": "hmac-sha1",
@@ -210,7 +213,7 @@ DIGEST_METHODS = {
     _MORE + "sha384": "sha384",
     "http://www.w3.org/2001/04/xmlenc#sha512": "sha512",
 }
-_WEAK_DIGEST_METHODS = {
+WEAK_DIGEST_METHODS = {
     "http://www.w3.org/2000/09/xmldsig#sha1": "sha1",
     _MORE + "md5": "md5",
     _MORE + "sha224": "sha224",
@@ -230,7 +233,7 @@ _REFUSED_TRANSFORMS = {
     "http://www.w3.org/TR/1999/REC-xslt-19991116": "XSLT",
     "http://docs.oasis-open.org/wss/2004/01/oasis-200401-wss-soap-message-security-1.0#STR-Transform": "STR-Transform",
 }
-_SIGNATURE_URI_FOR = {  # what the signer writes, per key
+SIGNATURE_URI_FOR = {  # what the signer writes, per key
     ("rsa", 0): _MORE + "rsa-sha256",
     ("ec", 256): _MORE + "ecdsa-sha256",
     ("ec", 384): _MORE + "ecdsa-sha384",
@@ -463,7 +466,7 @@ _DECLARATION = re.compile(rb"xmlns(?::([A-Za-z_][A-Za-z0-9_.\-]*))?=")
 
 # ---------------------------------------------------------------------------------------- signer
 
-def _key_kind(public_key) -> tuple[str, int]:
+def key_kind(public_key) -> tuple[str, int]:
     if isinstance(public_key, rsa.RSAPublicKey):
         return "rsa", public_key.key_size
     if isinstance(public_key, ec.EllipticCurvePublicKey):
@@ -489,10 +492,10 @@ class Signer:
         if key.public_key().public_bytes(serialization.Encoding.DER, public) != \
                 certificate.public_key().public_bytes(serialization.Encoding.DER, public):
             raise SigningError(f"the private key does not belong to certificate {subject_text(certificate)}")
-        kind, size = _key_kind(certificate.public_key())
+        kind, size = key_kind(certificate.public_key())
         if kind == "rsa" and size < MIN_RSA_KEY_BITS:
             raise SigningError(f"RSA key of {size} bits is too weak; at least {MIN_RSA_KEY_BITS} are required")
-        uri = _SIGNATURE_URI_FOR.get((kind, 0 if kind == "rsa" else size))
+        uri = SIGNATURE_URI_FOR.get((kind, 0 if kind == "rsa" else size))
         if uri is None:
             raise SigningError(f"cannot sign with a {kind} key of {size} bits; use RSA or EC P-256/384/521")
         if not ttl > 0:
@@ -592,11 +595,11 @@ class Signer:
         for (target_id, prefixes), reference in zip(plan, signed_info[2:]):
             target = index[target_id]
             try:
-                digest = hashlib.sha256(_canonical(target, prefixes)).digest()
+                digest = hashlib.sha256(canonical_bytes(target, prefixes)).digest()
             except etree.C14NError:
                 raise SigningError(f"{_label(target)} cannot be canonicalised (a relative namespace URI?)") from None
             reference[2].text = base64.b64encode(digest).decode("ascii")
-        raw = _sign(self._key, self._hash, _canonical(signed_info, None))
+        raw = sign_bytes(self._key, self._hash, canonical_bytes(signed_info, None))
         signature[1].text = base64.b64encode(raw).decode("ascii")
         return SignedEnvelope(etree.tostring(root, xml_declaration=True, encoding="utf-8"), message_id)
 
@@ -605,7 +608,7 @@ class Signer:
 _OWN_PARSER = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=False, collect_ids=False)
 
 
-def _canonical(element, prefixes) -> bytes:
+def canonical_bytes(element, prefixes) -> bytes:
     """Exclusive C14N (no comments) of ``element``'s subtree, rendering ``prefixes`` inclusively.
 
     This is what an XML-DSig same-document ``#id`` reference with the
@@ -616,7 +619,7 @@ def _canonical(element, prefixes) -> bytes:
                           inclusive_ns_prefixes=prefixes)
 
 
-def _sign(key, algorithm: hashes.HashAlgorithm, data: bytes) -> bytes:
+def sign_bytes(key, algorithm: hashes.HashAlgorithm, data: bytes) -> bytes:
     """An XML-DSig SignatureValue: RSA PKCS#1 v1.5, or ECDSA as r ‖ s, each the curve's size (XMLDSig 1.1)."""
     if isinstance(key, rsa.RSAPrivateKey):
         return key.sign(data, padding.PKCS1v15(), algorithm)
@@ -625,8 +628,8 @@ def _sign(key, algorithm: hashes.HashAlgorithm, data: bytes) -> bytes:
     return r.to_bytes(size, "big") + s.to_bytes(size, "big")
 
 
-def _signature_verifies(public_key, algorithm: hashes.HashAlgorithm, data: bytes, value: bytes) -> bool:
-    """Whether ``value`` (as :func:`_sign` writes it) signs ``data`` with ``public_key``."""
+def signature_verifies(public_key, algorithm: hashes.HashAlgorithm, data: bytes, value: bytes) -> bool:
+    """Whether ``value`` (as :func:`sign_bytes` writes it) signs ``data`` with ``public_key``."""
     try:
         if isinstance(public_key, rsa.RSAPublicKey):
             public_key.verify(value, data, padding.PKCS1v15(), algorithm)
@@ -642,9 +645,9 @@ def _signature_verifies(public_key, algorithm: hashes.HashAlgorithm, data: bytes
 
 
 def _checked_canonical(element, prefixes) -> bytes:
-    """:func:`_canonical` for the verifier: a document C14N refuses is a fault, not an lxml error."""
+    """:func:`canonical_bytes` for the verifier: a document C14N refuses is a fault, not an lxml error."""
     try:
-        return _canonical(element, prefixes)
+        return canonical_bytes(element, prefixes)
     except etree.C14NError:
         relative = sorted({uri for _, uri in element.xpath("namespace::* | .//namespace::*") if ":" not in uri})
         raise _fault(INVALID_SECURITY, f"{_label(element)} cannot be canonicalised" + (
@@ -754,7 +757,7 @@ def _load_token(text: str) -> _Token:
         raise _fault(INVALID_SECURITY_TOKEN, f"wsse:BinarySecurityToken is not an X.509 certificate: {exc}") from None
     except UnsupportedAlgorithm as exc:
         raise _fault(UNSUPPORTED_ALGORITHM, f"the certificate's key type is not supported: {exc}") from None
-    kind, size = _key_kind(public_key)
+    kind, size = key_kind(public_key)
     return _Token(certificate, public_key, hashlib.sha256(der).digest(), subject, kind, size)
 
 
@@ -829,7 +832,7 @@ def _check_reference(reference):
     digest_uri = digest_method.get("Algorithm") or ""
     digest = DIGEST_METHODS.get(digest_uri)
     if digest is None:
-        weak = _WEAK_DIGEST_METHODS.get(digest_uri)
+        weak = WEAK_DIGEST_METHODS.get(digest_uri)
         raise _fault(UNSUPPORTED_ALGORITHM, f"weak digest algorithm {weak}" if weak else
                      f"unknown digest algorithm {digest_uri[:100]!r}")
     return uri, match.group(1), digest, prefixes, digest_value
@@ -944,7 +947,7 @@ class Verifier:
         method_uri = _algorithm(method_element, "SignatureMethod")
         method = SIGNATURE_METHODS.get(method_uri)
         if method is None:
-            weak = _WEAK_SIGNATURE_METHODS.get(method_uri)
+            weak = WEAK_SIGNATURE_METHODS.get(method_uri)
             raise _fault(UNSUPPORTED_ALGORITHM, f"weak signature algorithm {weak}" if weak else
                          f"unknown signature algorithm {method_uri[:100]!r}")
         if len(references) > MAX_REFERENCES:
@@ -1032,7 +1035,7 @@ class Verifier:
         # (in this order, a forger who can put any public certificate in the token gets no more than one
         # signature check before being refused: no digests over large elements of his choosing)
         value = _base64(signature.find(_SIGNATURE_VALUE), "ds:SignatureValue")
-        if not _signature_verifies(token.key, method[2], _checked_canonical(signed_info, signed_info_prefixes), value):
+        if not signature_verifies(token.key, method[2], _checked_canonical(signed_info, signed_info_prefixes), value):
             raise _fault(FAILED_CHECK, "signature value does not verify with the certificate's key "
                                        "(ds:SignedInfo was changed, or another key signed it)")
         for (uri, _, digest_name, prefixes, digest_value), target in zip(checked, targets):

@@ -6,6 +6,8 @@ Deferred or are coroutines run under trial.
 """
 from __future__ import annotations
 
+import re
+
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 from lxml import etree
@@ -14,7 +16,7 @@ from twisted.trial import unittest
 
 from dsmt.transports.soap import addressing
 from dsmt.transports.soap.core import (
-    DSMT_FAULT_NS, PSEPR_TRANSPORT, SOAP11, SOAP12, WSAM_NS, WSDL_CACHE_SIZE, SoapFault, SoapLimits, SoapResponse)
+    DSMT_FAULT_NS, PSEPR_TRANSPORT, SOAP11, SOAP12, WSAM_NS, WSDL_CACHE_SIZE, OperationActions, SoapFault, SoapLimits, SoapResponse)
 from tests.transports.soap.service import (
     CLIENT_FAULTS, SECRET, SERVED, TNS, FaultView, RequireToken, assert_core_fault, envelope, make_core)
 
@@ -218,7 +220,7 @@ def test_must_understand_an_unknown_header(version):
 @pytest.mark.parametrize("header", [
     UNKNOWN_HEADER.format(value="0", role=""),
     UNKNOWN_HEADER.format(value="1", role="s:actor='urn:someone-else' s:role='urn:someone-else'"),
-    f"<wsa:Action xmlns:wsa='{WSA}' s:mustUnderstand='1'>urn:x</wsa:Action>",
+    f"<wsa:Action xmlns:wsa='{WSA}' s:mustUnderstand='1'>{TNS}/EchoService/crash</wsa:Action>",
 ])
 @pytest.mark.parametrize("version", VERSIONS, ids=lambda v: v.name)
 def test_headers_not_for_us_or_understood_pass(version, header):
@@ -231,7 +233,8 @@ def test_headers_not_for_us_or_understood_pass(version, header):
 def wsa_request(operation: str, version, message_id: str = "3e8b0f1c-0b9a-4c33-9a51-0a7d7f5c2d10",
                 reply_to: str | None = None) -> bytes:
     return addressing.insert_headers(envelope(operation, version), addressing.request_headers(
-        action=f"{TNS}/EchoService/x", to="http://wherever/", message_id=message_id,
+        action=f"{TNS}/EchoService/" + re.match(r"<t:(\w+)", operation).group(1), to="http://wherever/",
+        message_id=message_id,
         reply_to=None if reply_to is None else addressing.EndpointReference(reply_to)))
 
 
@@ -279,6 +282,83 @@ def wsdl_action(core, operation: str, message: str) -> str:
     (element,) = definitions.xpath(f"//wsdl:portType/wsdl:operation[@name='{operation}']/wsdl:{message}",
                                    namespaces={"wsdl": "http://schemas.xmlsoap.org/wsdl/"})
     return element.get("{%s}Action" % WSAM_NS)
+
+
+# ------------------------------------------------------------------ declared Actions, checked Actions
+
+DECLARED = {"spend": OperationActions(input="urn:bank:Spend", output="urn:bank:SpendDone",
+                                      faults={"QuotaExceeded": "urn:bank:fault"}),
+            "crash": OperationActions(faults={"Fault": "urn:never"})}
+
+
+def addressed(body: str, version, action: str | None, message_id: str = "urn:uuid:m2") -> bytes:
+    blocks = addressing.request_headers(action=action or "", to="http://wherever/", message_id=message_id)
+    if action is None:  # no Action header at all
+        blocks = re.sub(rb"<wsa:Action[^>]*>.*?</wsa:Action>", b"", blocks)
+    return addressing.insert_headers(envelope(body, version), blocks)
+
+
+@pytest.mark.parametrize("version", VERSIONS, ids=lambda v: v.name)
+def test_declared_actions_in_the_wsdl_and_on_the_replies(version):
+    core = make_core(version, actions=DECLARED)
+    assert (wsdl_action(core, "spend", "input"), wsdl_action(core, "spend", "output"),
+            wsdl_action(core, "spend", "fault")) == ("urn:bank:Spend", "urn:bank:SpendDone", "urn:bank:fault")
+    assert wsdl_action(core, "echo", "input") == f"{TNS}/EchoService/echo"  # undeclared: the default pattern
+    ok = reply_addressing(answer(core, addressed("<t:spend><t:amount>1</t:amount></t:spend>", version,
+                                                 "urn:bank:Spend")))
+    assert (ok.action, ok.relates_to) == ("urn:bank:SpendDone", "urn:uuid:m2")
+    fault = reply_addressing(answer(core, addressed("<t:spend><t:amount>99</t:amount></t:spend>", version,
+                                                    "urn:bank:Spend")))
+    assert fault.action == "urn:bank:fault"
+    # the default-pattern Action of an operation with declared ones is another operation's now: refused
+    refused = answer(core, addressed("<t:spend><t:amount>1</t:amount></t:spend>", version,
+                                     f"{TNS}/EchoService/spend"))
+    assert FaultView(refused.body).reason.startswith("the Action ")
+    with pytest.raises(ValueError, match="nosuch"):
+        make_core(version, actions={"nosuch": OperationActions(input="urn:x")})
+
+
+@pytest.mark.parametrize("version", VERSIONS, ids=lambda v: v.name)
+def test_request_action_is_checked_leniently(version):
+    core = core_for(version)
+    body = "<t:spend><t:amount>1</t:amount></t:spend>"
+    for action in (None, f"{TNS}/EchoService/spend"):  # absent, or the operation's own: answered
+        response = answer(core, addressed(body, version, action))
+        assert not response.is_fault and root_text(response) == "9"
+    for action in ("", f"{TNS}/EchoService/echo", "urn:anything"):
+        response = answer(core, addressed(body, version, action))
+        fault = FaultView(response.body)
+        if version is SOAP11:
+            assert (fault.code_namespace, fault.code) == (WSA, "ActionNotSupported")
+        else:
+            assert (fault.code, fault.subcodes) == ("Sender", [(WSA, "ActionNotSupported")])
+        problem = etree.fromstring(response.body).find(f".//{{{WSA}}}ProblemAction/{{{WSA}}}Action")
+        assert (problem.text or "") == action
+        assert reply_addressing(response).relates_to == "urn:uuid:m2"
+    unchecked = make_core(version, check_actions=False)
+    assert not answer(unchecked, addressed(body, version, "urn:anything")).is_fault
+
+
+@pytest.mark.parametrize("version", VERSIONS, ids=lambda v: v.name)
+def test_whole_envelope_refusals_are_correlated(version):
+    core = core_for(version)
+    other = SOAP12 if version is SOAP11 else SOAP11
+    deep = "<t:echo>" + "<t:x>" * 40 + "</t:x>" * 40 + "</t:echo>"
+    for request, code in ((addressed("<t:crash/>", other, "urn:x", "urn:uuid:vm"), "VersionMismatch"),
+                          (addressed(deep, version, "urn:x", "urn:uuid:vm"), "BadXML")):
+        response = answer(core, request)
+        fault = FaultView(response.body)
+        assert code in (fault.code, fault.code.split(".")[-1]) or fault.subcodes[-1][1] == code
+        headers = reply_addressing(response)
+        assert (headers.relates_to, headers.action) == ("urn:uuid:vm", addressing.FAULT_ACTION)
+    # a parsed tree handed in by the transport is used as is, and its depth still checked
+    request = addressed(deep, version, None, "urn:uuid:p")
+    parsed = etree.fromstring(request)
+    response = core.process(request, parsed=parsed).result
+    assert "nested deeper than" in FaultView(response.body).reason
+    assert reply_addressing(response).relates_to == "urn:uuid:p"
+    request = addressed("<t:spend><t:amount>1</t:amount></t:spend>", version, None)
+    assert root_text(core.process(request, parsed=etree.fromstring(request)).result) == "9"
 
 
 # ------------------------------------------------------------------ filters

@@ -186,6 +186,20 @@ class Calls(Harness):
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 2)
 
     @defer.inlineCallbacks
+    def test_each_request_envelope_is_parsed_once(self):
+        from dsmt.transports.soap import core as core_module
+        core = self.psepr_core()
+        yield self.endpoint(core)
+        client, _ = yield self.client(core)
+        handed = []
+        process = core.process
+        core.process = lambda request, **options: handed.append(options.get("parsed")) or process(request, **options)
+        self.patch(core_module, "parse_xml", lambda *a, **k: self.fail("the core parsed the envelope again"))
+        self.assertEqual((yield call(client, "reverse", "abc")), "cba")
+        self.assertEqual(len(handed), 1)
+        self.assertEqual(etree.QName(handed[0]).localname, "Envelope")
+
+    @defer.inlineCallbacks
     def test_concurrent_calls_correlate(self):
         core = self.psepr_core()
         yield self.endpoint(core)
@@ -240,7 +254,7 @@ class Calls(Harness):
         transport = yield self.transport()
         request = addressing.insert_headers(
             envelope("<t:count><t:text>once</t:text></t:count>"),
-            addressing.request_headers(action="urn:count", to=service_address("count"),
+            addressing.request_headers(action=f"{TNS}/EchoService/count", to=service_address("count"),
                                        reply_to=addressing.EndpointReference(transport.reply_to)))
         first = yield defer.ensureDeferred(transport.post(service_address("count"), request, {}))
         second = yield defer.ensureDeferred(transport.post(service_address("count"), request, {}))
@@ -260,7 +274,7 @@ class Calls(Harness):
         transport = yield self.transport()
         request = addressing.insert_headers(
             envelope("<t:probe><t:text>x</t:text></t:probe>"),
-            addressing.request_headers(action="urn:probe", to="x",
+            addressing.request_headers(action=f"{TNS}/EchoService/probe", to="x",
                                        reply_to=addressing.EndpointReference(transport.reply_to)))
         event = Event(service_channel("probe"), encode_payload(request))
         replies = []
@@ -428,7 +442,7 @@ class Signed(Harness):
         transport = yield self.transport()
         request = addressing.insert_headers(
             envelope("<t:count><t:text>signed</t:text></t:count>"),
-            addressing.request_headers(action="urn:count", to=service_address("count"),
+            addressing.request_headers(action=f"{TNS}/EchoService/count", to=service_address("count"),
                                        reply_to=addressing.EndpointReference(transport.reply_to)))
         signed = self.signing()["signer"].sign(request)
         replies = []

@@ -1,0 +1,1 @@
+"""The agent: advertises nodes and their capacity, and issues signed tickets for slice specs."""
