@@ -197,7 +197,7 @@ class Lease:
 
     def _deliver(self, event: Event) -> None:
         self.received += 1
-        for callback in list(self._callbacks):
+        for callback in tuple(self._callbacks):  # a callback may add callbacks
             try:
                 callback(event)
             except Exception:
@@ -357,15 +357,25 @@ class PsEPRConnection:
         self._schedule_reconnect(len(self.addresses))
 
     def link_event(self, event: Event, identifier: str | None = None) -> None:
-        """An event arrived; ``identifier`` names the lease it came for, or None to match locally."""
+        """An event arrived; ``identifier`` names the lease it came for, or None to match locally.
+
+        Every event of a subscriber passes here, so :meth:`Lease.active` and
+        :meth:`Lease.covers` are inlined, with the clock read once per event.
+        """
         self.received += 1
         if identifier is not None:
             lease = self.leases.get(identifier)
             if lease is not None and lease.active() and lease.covers(event):
                 lease._deliver(event)
             return
-        for lease in list(self.leases.values()):
-            if lease.active() and lease.covers(event):
+        channel = event.channel
+        payload_type = event.payload.namespace
+        now = self.reactor.seconds()
+        for lease in tuple(self.leases.values()):  # a callback may take or release leases
+            expires_at = lease.expires_at
+            if (expires_at is not None and now < expires_at and not lease.released
+                    and channel.startswith(lease.channel)
+                    and (lease.payload_type is None or lease.payload_type == payload_type)):
                 lease._deliver(event)
 
     def link_granted(self, identifier: str, seconds: int) -> None:

@@ -27,6 +27,7 @@ compatibility); a repeated known element is an error.
 """
 from __future__ import annotations
 
+import copy
 import re
 from dataclasses import dataclass
 from typing import Union
@@ -218,67 +219,160 @@ def parse_event(data: bytes, *, max_bytes: int = MAX_EVENT_BYTES) -> Event:
 
     This is every subscriber's per-event cost, so it walks each element's
     children once and trusts what the parser already guarantees (XML
-    characters); the channel and name rules are still checked.  Depth is
-    checked only inside opaque payloads: the known parts have a fixed shape.
+    characters); the channel and name rules are still checked.  The depth
+    limit (:data:`MAX_EVENT_DEPTH`, the whole tree) costs next to nothing: the
+    known parts have a fixed shape, so only an opaque payload and the unused
+    elements that have children of their own are walked for it.
     """
     try:
         root = parse_xml(data, max_bytes=max_bytes, max_depth=None, what="event")
     except XmlSafetyError as exc:
         raise EventError(str(exc)) from None
-    return event_from_element(root)
+    return event_from_element(root, max_depth=MAX_EVENT_DEPTH)
 
 
-def event_from_element(root) -> Event:
-    """Build an :class:`Event` from an already (safely) parsed ``<event>`` or ``<message>`` element."""
-    if root.tag != _E + "event":
-        if etree.QName(root).localname != "message":
-            raise EventError(f"expected <event xmlns={EVENT_NS!r}>, found <{root.tag}>")
-        events = root.findall(_E + "event")
-        if len(events) != 1:
-            raise EventError(f"a message must carry exactly one event, found {len(events)}")
-        root = events[0]
-    parts = _children(root, _E, ("to", "from", "payload"), "event", any_namespace="payload")
-    to = parts.get("to")
+_EVENT = _E + "event"
+_TO, _FROM = _E + "to", _E + "from"
+_CHANNEL, _SERVICE, _INSTANCE = _E + "channel", _E + "service", _E + "instance"
+_ATTRIBUTE_PAYLOAD = "{%s}payload" % ATTRIBUTE_NS
+_LEGACY_ATTRIBUTE_PAYLOAD = "{%s}payload" % LEGACY_ATTRIBUTE_NS
+_LEASE_PAYLOAD = "{%s}payload" % LEASE_NS
+#: Element names of an attribute payload's parts, per spelling of its namespace.
+_ATTRIBUTE_PARTS = {
+    payload_tag: {payload_tag[:-len("payload")] + name: name for name in ("field", "value", "expire")}
+    for payload_tag in (_ATTRIBUTE_PAYLOAD, _LEGACY_ATTRIBUTE_PAYLOAD)}
+_LEASE_PARTS = {"{%s}%s" % (LEASE_NS, name): name for name in ("identifier", "duration", "op", "type")}
+#: Depth of the deepest known part (message/event/to/channel): a ``max_depth`` below it is checked the slow way.
+_KNOWN_DEPTH = 4
+
+# Parsed parts are stored straight into the frozen, slotted dataclasses (their
+# checks are for values built by hand; the parser already guaranteed XML
+# characters and the code below checks the rest): one slot store each.
+_new = object.__new__
+_SET_CHANNEL, _SET_PAYLOAD, _SET_TO_SERVICE, _SET_TO_INSTANCE, _SET_FROM_SERVICE, _SET_FROM_INSTANCE = (
+    Event.__dict__[name].__set__
+    for name in ("channel", "payload", "to_service", "to_instance", "from_service", "from_instance"))
+_SET_FIELD, _SET_VALUE, _SET_EXPIRE = (AttributePayload.__dict__[name].__set__ for name in ("field", "value", "expire"))
+
+
+def event_from_element(root, *, max_depth: int | None = None) -> Event:
+    """Build an :class:`Event` from an already (safely) parsed ``<event>`` or ``<message>`` element.
+
+    ``max_depth`` (``root`` counts as 1), when given, bounds the whole tree:
+    elements the event does not use are checked too, so an event returned
+    comes from a tree at most that deep.  Without it only an opaque payload's
+    depth is checked (at most ``MAX_EVENT_DEPTH - 2`` levels).
+    """
+    if max_depth is not None and max_depth < _KNOWN_DEPTH:
+        try:
+            check_depth(root, max_depth, "event")
+        except XmlSafetyError as exc:
+            raise EventError(str(exc)) from None
+    level = 1  # of the <event> element
+    tag = root.tag
+    if tag != _EVENT:
+        if tag.__class__ is not str or tag.rpartition("}")[2] != "message":
+            raise EventError(f"expected <event xmlns={EVENT_NS!r}>, found <{tag}>")
+        event = None
+        count = 0
+        for child in root:
+            if child.tag == _EVENT:
+                event = child
+                count += 1
+            elif max_depth is not None and len(child):
+                _check_unused(child, 2, max_depth)
+        if count != 1:
+            raise EventError(f"a message must carry exactly one event, found {count}")
+        root = event
+        level = 2
+    to = sender = payload = None
+    for child in root:
+        tag = child.tag
+        if tag == _TO:
+            if to is not None:
+                raise EventError("<event> has more than one <to>; at most one is allowed")
+            to = child
+        elif tag == _FROM:
+            if sender is not None:
+                raise EventError("<event> has more than one <from>; at most one is allowed")
+            sender = child
+        elif tag.__class__ is str and (tag.endswith("}payload") or tag == "payload"):  # any namespace: its type
+            if payload is not None:
+                raise EventError("an event must carry exactly one <payload>, found more")
+            payload = child
+        elif max_depth is not None and len(child):
+            _check_unused(child, level + 1, max_depth)
     if to is None:
         raise EventError("<event> has no <to>")
-    payload = parts.get("payload")
     if payload is None:
         raise EventError("an event must carry exactly one <payload>, found 0")
-    address = _children(to, _E, ("channel", "service", "instance"), "to")
-    if "channel" not in address:
+    # Leaves are read as they are met (this is the hot path: no call per leaf).
+    channel = to_service = to_instance = from_service = from_instance = None  # their texts
+    seen = 0
+    for child in to:
+        tag = child.tag
+        if tag == _CHANNEL:
+            if seen & 1:
+                raise EventError("<to> has more than one <channel>; at most one is allowed")
+            seen |= 1
+            if len(child):
+                raise EventError("<channel> must hold text, not elements")
+            text = child.text
+            channel = (text.strip() or None) if text else None
+        elif tag == _SERVICE:
+            if seen & 2:
+                raise EventError("<to> has more than one <service>; at most one is allowed")
+            seen |= 2
+            if len(child):
+                raise EventError("<service> must hold text, not elements")
+            text = child.text
+            to_service = (text.strip() or None) if text else None
+        elif tag == _INSTANCE:
+            if seen & 4:
+                raise EventError("<to> has more than one <instance>; at most one is allowed")
+            seen |= 4
+            if len(child):
+                raise EventError("<instance> must hold text, not elements")
+            text = child.text
+            to_instance = (text.strip() or None) if text else None
+        elif max_depth is not None and len(child):
+            _check_unused(child, level + 2, max_depth)
+    if not seen & 1:
         raise EventError("<to> has no <channel>")
-    channel = _text(address["channel"])
     if channel is None:
         raise EventError("to/channel is empty")
-    sender = _children(parts["from"], _E, ("service", "instance"), "from") if "from" in parts else {}
-    return _parsed_event(channel, _payload_from_element(payload), _text(address.get("service")),
-                         _text(address.get("instance")), _text(sender.get("service")),
-                         _text(sender.get("instance")))
+    if sender is not None:
+        seen = 0
+        for child in sender:
+            tag = child.tag
+            if tag == _SERVICE:
+                if seen & 1:
+                    raise EventError("<from> has more than one <service>; at most one is allowed")
+                seen |= 1
+                if len(child):
+                    raise EventError("<service> must hold text, not elements")
+                text = child.text
+                from_service = (text.strip() or None) if text else None
+            elif tag == _INSTANCE:
+                if seen & 2:
+                    raise EventError("<from> has more than one <instance>; at most one is allowed")
+                seen |= 2
+                if len(child):
+                    raise EventError("<instance> must hold text, not elements")
+                text = child.text
+                from_instance = (text.strip() or None) if text else None
+            elif max_depth is not None and len(child):
+                _check_unused(child, level + 2, max_depth)
+    return _parsed_event(channel, _payload_from_element(payload, level + 1, max_depth), to_service, to_instance,
+                         from_service, from_instance)
 
 
-def _children(parent, prefix: str, names: tuple[str, ...], where: str, *, any_namespace: str | None = None) -> dict:
-    """The children of ``parent`` named ``prefix + name`` for each name, in one pass; a repeat is an error.
-
-    ``any_namespace`` names the one child accepted in any namespace (the payload).
-    """
-    found = {}
-    for child in parent:
-        tag = child.tag
-        if not isinstance(tag, str):
-            continue
-        if tag.startswith(prefix):
-            name = tag[len(prefix):]
-        elif any_namespace is not None and (tag == any_namespace or tag.endswith("}" + any_namespace)):
-            name = any_namespace
-        else:
-            continue
-        if name in names:
-            if name in found:
-                if name == any_namespace:
-                    raise EventError(f"an event must carry exactly one <{name}>, found more")
-                raise EventError(f"<{where}> has more than one <{name}>; at most one is allowed")
-            found[name] = child
-    return found
+def _check_unused(element, level: int, max_depth: int) -> None:
+    """``element``, at ``level``, is not part of the event; still, nothing below it may pass ``max_depth``."""
+    try:
+        check_depth(element, max_depth - level + 1)
+    except XmlSafetyError:
+        raise EventError(f"event is nested deeper than {max_depth} elements") from None
 
 
 def _parsed_event(channel: str, payload: "Payload", to_service, to_instance, from_service, from_instance) -> Event:
@@ -286,15 +380,21 @@ def _parsed_event(channel: str, payload: "Payload", to_service, to_instance, fro
     problem = channel_problem(channel)
     if problem is not None:
         raise EventError(problem)
-    for what, name in (("to/service", to_service), ("to/instance", to_instance),
-                       ("from/service", from_service), ("from/instance", from_instance)):
-        if name is not None and len(name) > MAX_NAME_CHARS:
-            raise EventError(f"{what} is longer than {MAX_NAME_CHARS} characters")
-    event = object.__new__(Event)
-    for attribute, value in (("channel", channel), ("payload", payload), ("to_service", to_service),
-                             ("to_instance", to_instance), ("from_service", from_service),
-                             ("from_instance", from_instance)):
-        object.__setattr__(event, attribute, value)
+    if ((to_service is not None and len(to_service) > MAX_NAME_CHARS)
+            or (to_instance is not None and len(to_instance) > MAX_NAME_CHARS)
+            or (from_service is not None and len(from_service) > MAX_NAME_CHARS)
+            or (from_instance is not None and len(from_instance) > MAX_NAME_CHARS)):
+        for what, name in (("to/service", to_service), ("to/instance", to_instance),
+                           ("from/service", from_service), ("from/instance", from_instance)):
+            if name is not None and len(name) > MAX_NAME_CHARS:
+                raise EventError(f"{what} is longer than {MAX_NAME_CHARS} characters")
+    event = _new(Event)
+    _SET_CHANNEL(event, channel)
+    _SET_PAYLOAD(event, payload)
+    _SET_TO_SERVICE(event, to_service)
+    _SET_TO_INSTANCE(event, to_instance)
+    _SET_FROM_SERVICE(event, from_service)
+    _SET_FROM_INSTANCE(event, from_instance)
     return event
 
 
@@ -304,37 +404,66 @@ def _text(element) -> str | None:
         return None
     if len(element):
         raise EventError(f"<{etree.QName(element).localname}> must hold text, not elements")
-    text = (element.text or "").strip()
-    return text or None
+    text = element.text
+    return (text.strip() or None) if text else None
 
 
-def _payload_from_element(payload) -> Payload:
-    namespace = etree.QName(payload).namespace
-    if not namespace or namespace == EVENT_NS:
-        raise EventError("<payload> has no namespace of its own; its namespace is its type")
-    p = "{%s}" % namespace
-    namespace = canonical_payload_type(namespace)
-    if namespace == ATTRIBUTE_NS:
-        fields = _children(payload, p, ("field", "value", "expire"), "payload")
-        if "field" not in fields:
+def _payload_from_element(payload, level: int = 2, max_depth: int | None = None) -> Payload:
+    """The payload at ``level`` (see :func:`event_from_element` for ``max_depth``)."""
+    tag = payload.tag
+    parts = _ATTRIBUTE_PARTS.get(tag)
+    if parts is not None:
+        field = value = expire = None
+        seen = 0
+        for child in payload:
+            name = parts.get(child.tag)
+            if name is None:
+                if max_depth is not None and len(child):
+                    _check_unused(child, level + 1, max_depth)
+                continue
+            if name == "value":
+                if seen & 2:
+                    raise EventError("<payload> has more than one <value>; at most one is allowed")
+                seen |= 2
+                if len(child):
+                    raise EventError("<value> must hold text, not elements")
+                value = child.text or ""  # not stripped: a value is kept as sent
+                continue
+            bit = 1 if name == "field" else 4
+            if seen & bit:
+                raise EventError(f"<payload> has more than one <{name}>; at most one is allowed")
+            seen |= bit
+            if len(child):
+                raise EventError(f"<{name}> must hold text, not elements")
+            text = child.text
+            text = (text.strip() or None) if text else None
+            if bit == 1:
+                field = text
+            else:
+                expire = _int(text, "attribute expire")
+        if not seen & 1:
             raise EventError("<payload> has no <field>")
-        if "value" not in fields:
+        if not seen & 2:
             raise EventError("<payload> has no <value>")
-        field = _text(fields["field"])
         if field is None:
             raise EventError("attribute field is empty")
         if len(field) > MAX_NAME_CHARS:
             raise EventError(f"attribute field is longer than {MAX_NAME_CHARS} characters")
-        value_element = fields["value"]
-        if len(value_element):
-            raise EventError("<value> must hold text, not elements")
-        attribute = object.__new__(AttributePayload)  # parsed: the parser guaranteed XML characters
-        object.__setattr__(attribute, "field", field)
-        object.__setattr__(attribute, "value", value_element.text or "")
-        object.__setattr__(attribute, "expire", _int(_text(fields.get("expire")), "attribute expire"))
+        attribute = _new(AttributePayload)  # parsed: the parser guaranteed XML characters
+        _SET_FIELD(attribute, field)
+        _SET_VALUE(attribute, value)
+        _SET_EXPIRE(attribute, expire)
         return attribute
-    if namespace == LEASE_NS:
-        fields = _children(payload, p, ("identifier", "duration", "op", "type"), "payload")
+    if tag == _LEASE_PAYLOAD:
+        fields = {}
+        for child in payload:
+            name = _LEASE_PARTS.get(child.tag)
+            if name is not None:
+                if name in fields:
+                    raise EventError(f"<payload> has more than one <{name}>; at most one is allowed")
+                fields[name] = child
+            elif max_depth is not None and len(child):
+                _check_unused(child, level + 1, max_depth)
         for required in ("identifier", "duration"):
             if required not in fields:
                 raise EventError(f"<payload> has no <{required}>")
@@ -345,8 +474,14 @@ def _payload_from_element(payload) -> Payload:
         if duration is None:
             raise EventError("lease duration is empty")
         return LeasePayload(identifier, duration, _text(fields.get("op")) or "register", _text(fields.get("type")))
+    namespace = etree.QName(payload).namespace
+    if not namespace or namespace == EVENT_NS:
+        raise EventError("<payload> has no namespace of its own; its namespace is its type")
+    limit = MAX_EVENT_DEPTH - 2
+    if max_depth is not None:
+        limit = min(limit, max_depth - level + 1)
     try:
-        check_depth(payload, MAX_EVENT_DEPTH - 2, "payload")
+        check_depth(payload, limit, "payload")
     except XmlSafetyError as exc:
         raise EventError(str(exc)) from None
     return _opaque_from_element(payload)
@@ -360,6 +495,10 @@ def _opaque_from_element(element) -> OpaquePayload:
         raise EventError("<payload> has no namespace; its namespace is its type")
     if canonical_payload_type(namespace) in (ATTRIBUTE_NS, LEASE_NS):
         raise EventError(f"payload type {namespace} has its own structure; it cannot be opaque")
+    if element.getparent() is not None:
+        # Serialised alone, an element carries every namespace declared around it (inside a
+        # stream: the stream's own); a copy keeps only those it uses, and its own declarations.
+        element = copy.deepcopy(element)
     payload = object.__new__(OpaquePayload)  # already parsed and checked: skip __post_init__'s second parse
     object.__setattr__(payload, "namespace", namespace)
     object.__setattr__(payload, "xml", etree.tostring(element, with_tail=False))
