@@ -443,7 +443,8 @@ class PsEPRSoapEndpoint(_service.Service):
             return
         try:
             envelope, content_type = decode_payload(event.payload)
-            # only the Header is read here; the core checks the depth (a too-deep request gets its fault)
+            # parsed once: the Header is read here, the core takes the tree (``parsed=``) and checks the depth
+            # itself (a too-deep request gets its fault, correlated)
             root = parse_xml(envelope, max_bytes=MAX_EVENT_BYTES, max_depth=None, what="SOAP envelope")
         except (PayloadError, XmlSafetyError) as exc:
             self._drop("dropped_malformed", event, str(exc))
@@ -478,15 +479,14 @@ class PsEPRSoapEndpoint(_service.Service):
                 return
             self._in_flight[key] = _InFlight([target])
         peer = PsEPRPeer(event.from_service, event.from_instance, reply_channel, self.connection.instance)
-        answer = self.core.process(envelope, content_type=content_type, peer=peer)
+        answer = self.core.process(envelope, content_type=content_type, peer=peer, parsed=root)
         answer.addCallback(self._answered, key, target, headers)
         answer.addErrback(self._failed, key)
 
     def _answered(self, response, key, target, headers) -> None:
         body = response.body
         if response.fault is not None:
-            self.stats["faults"] += 1
-            body = self._correlated(body, headers, fault=True)
+            self.stats["faults"] += 1  # correlated by the core, whatever refused the request
         try:
             payload = encode_payload(body, response.content_type)
         except PsEPRSoapError as exc:
@@ -494,7 +494,7 @@ class PsEPRSoapEndpoint(_service.Service):
             log.warn("{endpoint}: reply not sendable ({error}); answering a fault", endpoint=self, error=exc)
             from dsmt.transports.soap.core import SoapFault
             fault = SoapFault.receiver("EnvelopeTooLarge", f"the reply cannot travel over PsEPR: {exc}")
-            body = self._correlated(self.core.fault_response(fault).body, headers, fault=True)
+            body = self.core.fault_response(fault, request=headers).body
             payload = encode_payload(body, response.content_type)
         flight = self._in_flight.pop(key, None) if key is not None else None
         targets = flight.targets if flight is not None else [target]
@@ -508,21 +508,6 @@ class PsEPRSoapEndpoint(_service.Service):
         self.stats["errors"] += 1
         self._in_flight.pop(key, None)
         log.failure("{endpoint}: answering failed", failure, endpoint=self)
-
-    @staticmethod
-    def _correlated(body: bytes, headers, *, fault: bool) -> bytes:
-        """A fault the core wrote before it read the request's addressing (unreadable envelope, version
-        mismatch) gets the reply headers here, so the caller can correlate it."""
-        if headers is None or headers.message_id is None:
-            return body
-        try:
-            reply = addressing.read_headers(parse_xml(body, max_bytes=2 * MAX_EVENT_BYTES, what="reply"))
-        except (XmlSafetyError, addressing.AddressingError):
-            return body
-        if reply is not None and reply.relates_to is not None:
-            return body
-        return addressing.insert_headers(body, addressing.reply_headers(headers, action=addressing.FAULT_ACTION,
-                                                                        fault=fault))
 
     def _send(self, target, body: bytes, content_type: str | None) -> None:
         self._send_payload(target, encode_payload(body, content_type))

@@ -18,7 +18,9 @@
   ``/org/dsmt/ns/soap/manageability/``, SOAP 1.1 and 1.2 on the one channel
   (:class:`BothVersions` picks the core by the envelope's namespace); each
   daemon instance answers for itself, the caller names it with
-  ``to/instance`` (or the port address's ``?instance=``).
+  ``to/instance`` (or the port address's ``?instance=``).  PLDB mounts it on its own
+  connection; the router, which has none, on a loopback connection to itself
+  (``dsmt.server.psepr_router.daemon.LoopbackManagement``).
 
 ``dsmt.server.psepr_router.daemon`` and ``dsmt.server.pldb.daemon`` import
 this module only with ``--manage-*``; the router itself (in ``transports/``)
@@ -142,7 +144,8 @@ class BothVersions:
     """Two :class:`SoapCore` (SOAP 1.1 and 1.2) behind one PsEPR channel: each request goes to the core of its
     envelope's version, read from the root element's namespace; anything else goes to the SOAP 1.1 core,
     which answers it with the precise fault (BadXML, NotSOAP).  Has what ``PsEPRSoapEndpoint`` uses of a
-    core: ``process``, ``fault_response``, ``limits``."""
+    core: ``process`` (with ``parsed=``: the version is read from the tree's root), ``fault_response``,
+    ``limits``."""
 
     def __init__(self, soap11: SoapCore, soap12: SoapCore):
         self.soap11, self.soap12 = soap11, soap12
@@ -157,11 +160,15 @@ class BothVersions:
             return self.soap11
         return self.soap12 if etree.QName(root).namespace == SOAP12.envelope_ns else self.soap11
 
-    def process(self, request: bytes, *, content_type: str | None = None, peer: object = None):
-        return self._core(request).process(request, content_type=content_type, peer=peer)
+    def process(self, request: bytes, *, content_type: str | None = None, peer: object = None, parsed=None):
+        if parsed is not None:  # the transport parsed it already: its root says the version
+            core = self.soap12 if etree.QName(parsed).namespace == SOAP12.envelope_ns else self.soap11
+        else:
+            core = self._core(request)
+        return core.process(request, content_type=content_type, peer=peer, parsed=parsed)
 
-    def fault_response(self, fault):
-        return self.soap11.fault_response(fault)
+    def fault_response(self, fault, *, request=None):
+        return self.soap11.fault_response(fault, request=request)
 
 
 def psepr_service(resource: ManageableResource, connection) -> service.Service:

@@ -55,15 +55,19 @@ QNames are typed ``xs:QName``, so the core's schema check refuses a QName
 whose prefix is not declared before the method runs; the method then resolves
 the prefix against the request element's own in-scope namespaces.
 
-WS-Addressing Actions are the SOAP core's (WS-Addressing Metadata default
-pattern, ``http://docs.oasis-open.org/wsrf/rp-2/manageability/<message>``),
-not WS-RF's ``rpw-2`` action URIs: dispatch is on the Body's element, so any
-request Action is accepted, but a client matching reply Actions against
-WS-RF's URIs would not find them.
+WS-Addressing Actions are WS-RF's own (:data:`ACTIONS`, from WS-ResourceProperties
+1.2's ``rpw-2`` WSDL, §5–§7 of the specification): the request of operation
+``Op`` is ``http://docs.oasis-open.org/wsrf/rpw-2/Op/OpRequest``, its reply
+``…/Op/OpResponse``, and every WS-RF fault, InvalidResourcePropertyQNameFault
+included, ``http://docs.oasis-open.org/wsrf/fault`` (:data:`WSRF_FAULT_ACTION`).
+The SOAP core writes them into the WSDL (``wsam:Action``), puts them on the
+replies, and refuses a request whose Action is another (``wsa:ActionNotSupported``;
+a request without Action is answered).
 """
 from __future__ import annotations
 
 import abc
+import copy
 import datetime
 import enum
 import re
@@ -76,10 +80,10 @@ from spyne.const.xml import XSD
 from spyne.protocol.xml import SubXmlBase
 
 from dsmt.transports.soap import HTTP_TRANSPORT
-from dsmt.transports.soap.core import SOAP11, SoapCore, SoapVersion
+from dsmt.transports.soap.core import SOAP11, OperationActions, SoapCore, SoapVersion
 
 __all__ = [
-    "RP_NS", "MUWS1_NS", "MUWS2_NS", "MANAGE_NS", "SERVICE_NAME", "DOCUMENT_ELEMENT", "CAPABILITIES",
+    "RP_NS", "RPW_NS", "WSRF_FAULT_ACTION", "ACTIONS", "MUWS1_NS", "MUWS2_NS", "MANAGE_NS", "SERVICE_NAME", "DOCUMENT_ELEMENT", "CAPABILITIES",
     "STANDARD_PROPERTIES", "OperationalStatus", "ManageableResource", "StaticResource", "resource_id_for",
     "property_document", "select_properties", "property_names", "InvalidResourcePropertyQName",
     "manageability_service", "manageability_core",
@@ -87,6 +91,10 @@ __all__ = [
 
 #: WS-ResourceProperties 1.2: the operations and their fault.
 RP_NS = "http://docs.oasis-open.org/wsrf/rp-2"
+#: WS-ResourceProperties 1.2's WSDL namespace, the root of its operations' Action URIs.
+RPW_NS = "http://docs.oasis-open.org/wsrf/rpw-2"
+#: The Action of every WS-RF fault message (WS-RF 1.2 WSDLs, ``wsa:Action`` of each ``wsdl:fault``).
+WSRF_FAULT_ACTION = "http://docs.oasis-open.org/wsrf/fault"
 #: MUWS part 1 (ResourceId, ManageabilityCapability) and part 2 (description, status, metrics).
 MUWS1_NS = "http://docs.oasis-open.org/wsdm/muws1-2.xsd"
 MUWS2_NS = "http://docs.oasis-open.org/wsdm/muws2-2.xsd"
@@ -231,7 +239,8 @@ def select_properties(resource: ManageableResource, names: Iterable[str]) -> lis
         if name not in known:
             raise InvalidResourcePropertyQName(name)
     document = property_document(resource)
-    return [element for name in names for element in document.iterchildren(name)]
+    # copies: a name asked twice must appear twice (lxml moves, not copies, an element put in a new parent)
+    return [copy.deepcopy(element) for name in names for element in document.iterchildren(name)]
 
 
 def _resolve(element: etree._Element) -> str:
@@ -272,6 +281,17 @@ class _QName(Unicode):
     __namespace__ = "http://www.w3.org/2001/XMLSchema"
 
 
+def _rp_actions(operation: str) -> OperationActions:
+    return OperationActions(input=f"{RPW_NS}/{operation}/{operation}Request",
+                            output=f"{RPW_NS}/{operation}/{operation}Response",
+                            faults={InvalidResourcePropertyQName.get_type_name(): WSRF_FAULT_ACTION})
+
+
+#: The WS-Addressing Actions of the three operations, as WS-ResourceProperties 1.2 defines them.
+ACTIONS = {operation: _rp_actions(operation) for operation in (
+    "GetResourcePropertyDocument", "GetResourceProperty", "GetMultipleResourceProperties")}
+
+
 def manageability_service(resource: ManageableResource) -> type[ServiceBase]:
     """A spyne service class answering the three WS-RF RP 1.2 read operations about ``resource``."""
 
@@ -302,4 +322,4 @@ def manageability_core(resource: ManageableResource, *, soap_version: SoapVersio
                        transport_uri: str = HTTP_TRANSPORT, **options) -> SoapCore:
     """A :class:`SoapCore` serving ``resource``'s manageability (``options``: the core's limits, filters)."""
     return SoapCore([manageability_service(resource)], RP_NS, SERVICE_NAME, soap_version=soap_version,
-                    transport_uri=transport_uri, **options)
+                    transport_uri=transport_uri, actions=ACTIONS, **options)

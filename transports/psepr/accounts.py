@@ -190,6 +190,17 @@ class Accounts:
             raise AccountsError(f"{os.fspath(path)}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
         return cls.parse(text, source=os.fspath(path))
 
+    def with_account(self, name: str, password: str) -> Accounts:
+        """A copy of these accounts with one more, ``name`` with ``password`` (hashed here: one scrypt),
+        held in memory only — for a daemon's own internal login (the router's ``--manage-psepr``).  This
+        object is unchanged; :class:`AccountsError` if ``name`` is invalid or already an account."""
+        if check_name(name) in self._hashes:
+            raise AccountsError(f"account {name!r} already exists")
+        copy = Accounts({})
+        copy._hashes = dict(self._hashes)
+        copy._hashes[name] = _decode(hash_password(password))
+        return copy
+
     def __contains__(self, name: object) -> bool:
         return name in self._hashes
 

@@ -19,7 +19,9 @@ Pipeline, in order; each step either passes or answers a fault:
 2. **Safe XML**: parsed by :func:`dsmt.transports.xmlsafe.parse_xml` (no DTD,
    no entities, no network, at most ``limits.max_depth`` levels).  spyne never
    parses bytes: it is handed this tree, so hostile XML never reaches its
-   parser.  A ``charset`` in the content type must agree with the document's
+   parser.  A transport that parsed the envelope already (SOAP over PsEPR)
+   hands its tree in (``process(parsed=…)``) and it is not parsed twice; the
+   depth limit is checked on the tree either way.  A ``charset`` in the content type must agree with the document's
    own encoding (spyne would raise ``UnicodeDecodeError`` on a disagreement;
    here it is a ``CharsetMismatch`` fault).
 3. **Envelope**: the root must be this core's SOAP version's ``Envelope``
@@ -27,7 +29,9 @@ Pipeline, in order; each step either passes or answers a fault:
    holding an optional ``Header`` and a ``Body`` with exactly one element.
 4. **WS-Addressing** headers are read (``addressing.read_headers``); from here
    on every reply, fault or not, carries the reply headers (``RelatesTo`` =
-   the request's ``MessageID``) when the request had WS-Addressing headers.
+   the request's ``MessageID``) when the request had WS-Addressing headers —
+   and so do refusals at steps 2–3 once the tree exists (too deep,
+   VersionMismatch, …), their headers read leniently.
 5. **mustUnderstand**: a header block aimed at this node (no role, *next* or
    *ultimateReceiver*) with ``mustUnderstand`` true that nobody here
    processes is a ``MustUnderstand`` fault — so a signed request sent to a
@@ -36,7 +40,8 @@ Pipeline, in order; each step either passes or answers a fault:
    exact bytes and may refuse them or put the caller's identity in
    ``context.caller``.
 7. **Operation**: the Body's element must name an operation
-   (``UnknownOperation``) and be valid against the service's schema
+   (``UnknownOperation``), the request's ``wsa:Action``, when present, must be
+   that operation's (``wsa:ActionNotSupported``), and the Body must be valid against the service's schema
    (``InvalidBody``; lxml's XML Schema validator, see below).
 8. **Call**: the service method may return a value, a Deferred or a coroutine
    (``async def``).  A spyne ``Fault`` it raises is answered as that fault; any
@@ -85,13 +90,29 @@ valid value of the atomic type 'xs:integer'.") and checks exactly the
 published contract, for a few microseconds per message.
 
 WS-Addressing Actions: the WSDL this core serves carries explicit
-``wsam:Action`` attributes (the WS-Addressing Metadata default action
-pattern), so zeep clients send ``Action``/``MessageID``/``To`` by themselves,
-and a reply's Action is the operation's output action (a declared fault's
-fault action; ``addressing.FAULT_ACTION`` for other faults).  A request's
-Action is not checked (dispatch is on the Body's element).  spyne routes on the
-Body's first child; operations with an empty Body (WS-Transfer Get) are not
-dispatchable by this core as it stands.
+``wsam:Action`` attributes on every input, output and fault message, so zeep
+clients send ``Action``/``MessageID``/``To`` by themselves.  By default they
+follow the WS-Addressing Metadata default action pattern (§4.4.4); a service
+whose specification fixes other URIs (WS-ResourceProperties' ``rpw-2``
+actions, say) declares them per operation with ``SoapCore(…, actions={name:
+OperationActions(input=…, output=…, faults={…})})``.  A reply's Action is the
+operation's output action; a fault's is the action declared for the raised
+fault class (by its type name, declared in ``_throws`` or not), else
+``addressing.FAULT_ACTION``.  **Request Actions are checked** (WS-Addressing
+SOAP Binding §6.4.4): a request whose ``wsa:Action`` is not the input action of
+the operation its Body names gets a Sender fault ``wsa:ActionNotSupported``
+(detail ``wsa:ProblemAction``) — a client that believes it calls another
+operation than the one its Body names is told so rather than answered.  The
+check is lenient: a request without ``wsa:Action`` (or without WS-Addressing)
+is dispatched on its Body as before; ``check_actions=False`` turns it off.
+spyne routes on the Body's first child; operations with an empty Body
+(WS-Transfer Get) are not dispatchable by this core as it stands.
+
+Correlated refusals: once the envelope is parsed, a refusal of the whole
+envelope — ``VersionMismatch``, too deep (``BadXML``), ``CharsetMismatch``,
+``BadEnvelope`` — still carries the reply headers (``RelatesTo``) when the
+request's WS-Addressing headers can be read (leniently: unreadable ones are
+ignored there), so callers on every transport can correlate it.
 """
 from __future__ import annotations
 
@@ -99,7 +120,7 @@ import codecs
 import copy
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Iterable, Protocol, Sequence
+from typing import Iterable, Mapping, Protocol, Sequence
 
 from lxml import etree
 from spyne import BODY_STYLE_WRAPPED, Application, MethodContext
@@ -112,12 +133,12 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from dsmt.transports.soap import HTTP_TRANSPORT, PSEPR_TRANSPORT, addressing
-from dsmt.transports.xmlsafe import DEFAULT_MAX_DEPTH, XmlSafetyError, parse_xml
+from dsmt.transports.xmlsafe import DEFAULT_MAX_DEPTH, XmlSafetyError, check_depth, parse_xml
 
 __all__ = [
     "HTTP_TRANSPORT", "PSEPR_TRANSPORT", "DSMT_FAULT_NS", "WSAM_NS", "MAX_ENVELOPE_BYTES", "MAX_ENVELOPE_DEPTH",
     "SoapVersion", "SOAP11", "SOAP12", "SoapFault", "SoapLimits", "SoapResponse", "CallContext", "EnvelopeFilter",
-    "SoapCore", "envelope_too_large",
+    "OperationActions", "SoapCore", "envelope_too_large", "action_not_supported",
 ]
 
 log = Logger(namespace="dsmt.soap.core")
@@ -272,6 +293,18 @@ def _internal_error() -> SoapFault:
     return SoapFault.receiver("InternalError", "internal error; the service logged the details")
 
 
+def action_not_supported(action: str, operation: str, expected: str | None) -> SoapFault:
+    """WS-Addressing's ``ActionNotSupported`` (SOAP Binding §6.4.4): Sender, subcode
+    ``wsa:ActionNotSupported``, detail ``wsa:ProblemAction/wsa:Action`` naming the Action received."""
+    wsa = "{%s}" % addressing.WSA_NS
+    detail = etree.Element(wsa + "ProblemAction", nsmap={"wsa": addressing.WSA_NS})
+    etree.SubElement(detail, wsa + "Action").text = action
+    return SoapFault(SoapFault.SENDER, f"the Action {action!r} cannot be processed here: the Body names operation "
+                                       f"{operation}, whose Action is {expected!r}",
+                     subcodes=(wsa + "ActionNotSupported",), detail=detail,
+                     soap11_faultcode=wsa + "ActionNotSupported")
+
+
 @dataclass(frozen=True)
 class SoapLimits:
     """Per-core limits; the defaults' reasons are at :data:`MAX_ENVELOPE_BYTES` and :data:`MAX_ENVELOPE_DEPTH`."""
@@ -386,16 +419,35 @@ class _Server(ServerBase):
 
 
 @dataclass(frozen=True)
-class _Actions:
-    """The WS-Addressing Actions of one operation's replies, as its WSDL declares them."""
+class OperationActions:
+    """The WS-Addressing Actions a service declares for one operation (``SoapCore(actions=…)``).
 
+    ``input`` and ``output`` replace the default-pattern actions of the request and the reply;
+    ``faults`` maps a fault class's type name (spyne ``get_type_name()``) to the Action of that fault's
+    message — written on the operation's ``wsdl:fault`` when the operation declares the class in
+    ``_throws``, and used for the reply whenever the method raises it.  ``None``: the default."""
+
+    input: str | None = None
+    output: str | None = None
+    faults: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Actions:
+    """The WS-Addressing Actions of one operation's messages, as its WSDL declares them (``faults``: also
+    the declared actions of fault classes the WSDL does not list)."""
+
+    input: str | None
     output: str | None
     faults: dict[str, str] = field(default_factory=dict)
 
 
-def _annotate_actions(definitions: etree._Element) -> dict[str, _Actions]:
-    """Give every portType message an explicit ``wsam:Action`` (default action pattern, WS-Addressing
-    Metadata §4.4.4) and return the reply actions by operation name."""
+def _annotate_actions(definitions: etree._Element,
+                      declared: Mapping[str, OperationActions] | None = None) -> dict[str, _Actions]:
+    """Give every portType message an explicit ``wsam:Action`` — the one ``declared`` for its operation,
+    else the default action pattern (WS-Addressing Metadata §4.4.4) — and return the actions by operation
+    name."""
+    declared = declared or {}
     tns = definitions.get("targetNamespace")
     delimiter = ":" if tns.startswith("urn:") else "/"
     base = tns if tns.endswith(delimiter) else tns + delimiter
@@ -403,19 +455,24 @@ def _annotate_actions(definitions: etree._Element) -> dict[str, _Actions]:
     for port_type in definitions.iter(_WSDL + "portType"):
         for operation in port_type.iter(_WSDL + "operation"):
             name = operation.get("name")
+            ours = declared.get(name, OperationActions())
 
-            def declare(message: etree._Element, *parts: str) -> str:
-                action = message.get(_WSAM_ACTION) or base + delimiter.join((port_type.get("name"),) + parts)
+            def declare(message: etree._Element, explicit: str | None, *parts: str) -> str:
+                action = explicit or message.get(_WSAM_ACTION) or base + delimiter.join(
+                    (port_type.get("name"),) + parts)
                 message.set(_WSAM_ACTION, action)
                 return action
 
             request = operation.find(_WSDL + "input")
-            declare(request, request.get("name"))
             reply = operation.find(_WSDL + "output")
+            faults = dict(ours.faults)
+            faults.update({fault.get("name"): declare(fault, ours.faults.get(fault.get("name")), name, "Fault",
+                                                      fault.get("name"))
+                           for fault in operation.iter(_WSDL + "fault")})
             actions[name] = _Actions(
-                output=None if reply is None else declare(reply, reply.get("name")),
-                faults={fault.get("name"): declare(fault, name, "Fault", fault.get("name"))
-                        for fault in operation.iter(_WSDL + "fault")})
+                input=declare(request, ours.input, request.get("name")),
+                output=None if reply is None else declare(reply, ours.output, reply.get("name")),
+                faults=faults)
     return actions
 
 
@@ -440,6 +497,27 @@ def _same_encoding(a: str, b: str) -> bool:
         return False
 
 
+class _Refused(Exception):
+    """A request refused as a whole once parsed (``fault``), with its WS-Addressing headers when they could
+    be read (``request``), so the refusal is correlated."""
+
+    def __init__(self, fault: SoapFault, request: addressing.AddressingHeaders | None):
+        super().__init__(fault.reason)
+        self.fault, self.request = fault, request
+
+
+def _lenient_addressing(root: etree._Element) -> addressing.AddressingHeaders | None:
+    """The WS-Addressing headers of a parsed envelope of either SOAP version, or None when it is no SOAP
+    envelope or its headers are unusable (the refusal then goes uncorrelated)."""
+    name = etree.QName(root)
+    if name.localname != "Envelope" or name.namespace not in _VERSIONS:
+        return None
+    try:
+        return addressing.read_headers(root)
+    except addressing.AddressingError:
+        return None
+
+
 # ------------------------------------------------------------------ the core
 
 class SoapCore:
@@ -449,14 +527,18 @@ class SoapCore:
     target namespace and name of their WSDL; ``soap_version`` is
     :data:`SOAP11` or :data:`SOAP12`; ``transport_uri`` the WSDL binding's
     transport (:data:`HTTP_TRANSPORT`, :data:`PSEPR_TRANSPORT`); ``filters``
-    :class:`EnvelopeFilter` objects, outermost first.  Build one core per
-    transport from the same service classes.  Service methods receive the
-    :class:`CallContext` as ``ctx.udc``.
+    :class:`EnvelopeFilter` objects, outermost first; ``actions`` the
+    WS-Addressing Actions of operations that do not follow the default
+    pattern (operation name → :class:`OperationActions`); ``check_actions``
+    whether a request's ``wsa:Action``, when present, must be its operation's
+    input action.  Build one core per transport from the same service classes.
+    Service methods receive the :class:`CallContext` as ``ctx.udc``.
     """
 
     def __init__(self, services: Iterable[type], tns: str, name: str, *, soap_version: SoapVersion = SOAP11,
                  transport_uri: str = HTTP_TRANSPORT, limits: SoapLimits = SoapLimits(),
-                 filters: Sequence[EnvelopeFilter] = ()):
+                 filters: Sequence[EnvelopeFilter] = (), actions: Mapping[str, OperationActions] | None = None,
+                 check_actions: bool = True):
         in_protocol, out_protocol = _PROTOCOLS[soap_version]
         self.version = soap_version
         self.transport_uri = transport_uri
@@ -467,6 +549,11 @@ class SoapCore:
         self.application.interface.nsmap["wsam"] = WSAM_NS  # prefix of the Action annotations
         self._server = _Server(self.application, transport_uri)
         self._operations = self.application.interface.service_method_map
+        self._declared_actions = dict(actions or {})
+        unknown = set(self._declared_actions) - {d.operation_name for ds in self._operations.values() for d in ds}
+        if unknown:
+            raise ValueError(f"actions declared for operations the services do not have: {', '.join(sorted(unknown))}")
+        self.check_actions = check_actions
         schema = XmlSchema(self.application.interface)
         schema.build_validation_schema()
         self._schema: etree.XMLSchema = schema.validation_schema
@@ -483,21 +570,34 @@ class SoapCore:
 
     # ------------------------------------------------------------ public
 
-    def process(self, request: bytes, *, content_type: str | None = None, peer: object = None) -> defer.Deferred:
+    def process(self, request: bytes, *, content_type: str | None = None, peer: object = None,
+                parsed: etree._Element | None = None) -> defer.Deferred:
         """Answer one request envelope: a Deferred that always fires with a :class:`SoapResponse`.
 
         ``content_type`` is the request's media type if the transport has one
         (only its ``charset`` is used); ``peer`` is passed on as
-        ``CallContext.peer``.  The Deferred never fails: every problem,
+        ``CallContext.peer``.  ``parsed``, when given, must be the root
+        element :func:`dsmt.transports.xmlsafe.parse_xml` made of exactly
+        ``request`` (any ``max_depth``: the core checks its own depth limit on
+        it), for a transport that had to parse the envelope already (SOAP over
+        PsEPR reads ReplyTo first): the core uses it instead of parsing again,
+        and does not change it.  The Deferred never fails: every problem,
         including a bug here, is answered with a fault.
         """
-        return defer.ensureDeferred(self._process(bytes(request), content_type, peer))
+        return defer.ensureDeferred(self._process(bytes(request), content_type, peer, parsed))
 
-    def fault_response(self, fault: SoapFault) -> SoapResponse:
+    def fault_response(self, fault: SoapFault, *,
+                       request: addressing.AddressingHeaders | None = None) -> SoapResponse:
         """``fault`` as a response of this core's SOAP version, for a transport that refuses a request
-        before :meth:`process` sees it (an oversized body).  VersionMismatch is written in SOAP 1.1."""
+        itself (an oversized body, a reply that cannot travel).  VersionMismatch is written in SOAP 1.1.
+        With ``request`` (the request's WS-Addressing headers) the fault carries the reply headers
+        (``RelatesTo``, fault Action)."""
         version = SOAP11 if fault.code == SoapFault.VERSION_MISMATCH else self.version
-        return SoapResponse(fault.to_envelope(version), version, fault)
+        body = fault.to_envelope(version)
+        if request is not None:
+            body = addressing.insert_headers(body, addressing.reply_headers(
+                request, action=fault.action or addressing.FAULT_ACTION, fault=True))
+        return SoapResponse(body, version, fault)
 
     def wsdl(self, address: str) -> bytes:
         """The WSDL document with ``address`` as the port's location (built once per address, cached)."""
@@ -511,19 +611,23 @@ class SoapCore:
 
     # ------------------------------------------------------------ pipeline
 
-    async def _process(self, data: bytes, content_type: str | None, peer: object) -> SoapResponse:
+    async def _process(self, data: bytes, content_type: str | None, peer: object,
+                       parsed: etree._Element | None) -> SoapResponse:
         context = CallContext(self.transport_uri, self.version, peer)
         try:
-            return await self._answer(data, content_type, context)
+            return await self._answer(data, content_type, context, parsed)
         except Exception:
             log.failure("the SOAP core failed on a request")
             return self.fault_response(_internal_error())
 
-    async def _answer(self, data: bytes, content_type: str | None, context: CallContext) -> SoapResponse:
+    async def _answer(self, data: bytes, content_type: str | None, context: CallContext,
+                      parsed: etree._Element | None) -> SoapResponse:
         try:
-            body = self._read(data, content_type, context)
+            body = self._read(data, content_type, context, parsed)
             context.addressing = self._read_addressing(context.envelope)
-        except SoapFault as fault:  # no usable message: nothing to correlate, nothing for the filters
+        except _Refused as refused:  # no usable message, nothing for the filters; correlated when possible
+            return self.fault_response(refused.fault, request=refused.request)
+        except SoapFault as fault:
             return self.fault_response(fault)
         entered: list[EnvelopeFilter] = []
         try:
@@ -532,7 +636,10 @@ class SoapCore:
                 entered.append(envelope_filter)
                 filtered = self._inbound(envelope_filter, data, context)
                 if filtered is not data:
-                    data, body = filtered, self._read(filtered, content_type, context)
+                    try:
+                        data, body = filtered, self._read(filtered, content_type, context)
+                    except _Refused as refused:  # addressing was read already: the reply headers follow
+                        raise refused.fault from None
             reply, action = await self._call(body, context)
         except SoapFault as fault:
             context.fault = fault
@@ -548,14 +655,30 @@ class SoapCore:
                 return self.fault_response(_internal_error())
         return SoapResponse(reply, self.version, context.fault)
 
-    def _read(self, data: bytes, content_type: str | None, context: CallContext) -> etree._Element:
-        """Steps 1–3: size, safe parse, charset, envelope structure.  Sets ``context.envelope`` and returns
-        the Body's element."""
+    def _read(self, data: bytes, content_type: str | None, context: CallContext,
+              parsed: etree._Element | None = None) -> etree._Element:
+        """Steps 1–3: size, safe parse (or the transport's ``parsed`` tree), charset, envelope structure.
+        Sets ``context.envelope`` and returns the Body's element.  A refusal once the tree exists is raised
+        as :class:`_Refused`, with the request's WS-Addressing headers read leniently."""
         limit = self.limits.max_envelope_bytes
         if len(data) > limit:
             raise envelope_too_large(limit, len(data))
+        if parsed is not None:
+            root = parsed
+        else:
+            try:  # depth is checked below, on the tree, so a too-deep request's fault can be correlated
+                root = parse_xml(data, max_bytes=limit, max_depth=None, what="SOAP envelope")
+            except XmlSafetyError as exc:
+                raise SoapFault.sender("BadXML", str(exc)) from None
         try:
-            root = parse_xml(data, max_bytes=limit, max_depth=self.limits.max_depth, what="SOAP envelope")
+            return self._check_envelope(root, content_type, context)
+        except SoapFault as fault:
+            raise _Refused(fault, _lenient_addressing(root)) from None
+
+    def _check_envelope(self, root: etree._Element, content_type: str | None,
+                        context: CallContext) -> etree._Element:
+        try:
+            check_depth(root, self.limits.max_depth, "SOAP envelope")
         except XmlSafetyError as exc:
             raise SoapFault.sender("BadXML", str(exc)) from None
         declared = _charset(content_type)
@@ -644,9 +767,12 @@ class SoapCore:
             listed = ", ".join(names[:MAX_LISTED_OPERATIONS]) + (", …" if len(names) > MAX_LISTED_OPERATIONS else "")
             raise SoapFault.sender("UnknownOperation", f"{body.tag} is not an operation of this service "
                                                        f"(operations: {listed})")
+        actions = self._actions[descriptors[0].operation_name]
+        requested = None if context.addressing is None else context.addressing.action
+        if self.check_actions and requested is not None and requested != actions.input:
+            raise action_not_supported(requested, descriptors[0].operation_name, actions.input)
         if not self._schema.validate(body):
             raise SoapFault.sender("InvalidBody", next(iter(self._schema.error_log)).message)
-        actions = self._actions[descriptors[0].operation_name]
         ctx = MethodContext(self._server, MethodContext.SERVER)
         ctx.udc = context
         header = body.getparent().getprevious()
@@ -695,12 +821,11 @@ class SoapCore:
             self.application.out_protocol.complex_to_parent(ctx, type(fault), fault, holder, fault.get_namespace())
             detail = holder[0]
         return SoapFault(code, str(fault.faultstring), subcodes=[f"{{{tns}}}{part}" for part in rest if part],
-                         detail=detail,
-                         action=actions.faults.get(type(fault).get_type_name()) if declared else None)
+                         detail=detail, action=actions.faults.get(type(fault).get_type_name()))
 
     def _wsdl_tree(self, address: str) -> tuple[etree._Element, dict[str, _Actions]]:
         """A fresh, annotated WSDL for ``address`` and its actions (spyne drops ``<wsdl:service>`` when one
         ``Wsdl11`` object is built twice)."""
         document = Wsdl11(self.application.interface)
         document.build_interface_document(address)
-        return document.root_elt, _annotate_actions(document.root_elt)
+        return document.root_elt, _annotate_actions(document.root_elt, self._declared_actions)

@@ -10,26 +10,29 @@ import os
 import subprocess
 import sys
 
+import pytest
 import treq
 import zeep
 from lxml import etree
 from twisted.internet import defer, reactor, task
+from twisted.python import usage
 from twisted.trial import unittest
 from twisted.web.client import HTTPConnectionPool
 
 from dsmt.server.manage.daemons import camel
 from dsmt.server.manage.wsdm import (
-    MANAGE_NS, MUWS1_NS, MUWS2_NS, RP_NS, OperationalStatus, StaticResource, manageability_core, property_document,
+    ACTIONS, RPW_NS, WSRF_FAULT_ACTION, MANAGE_NS, MUWS1_NS, MUWS2_NS, RP_NS, OperationalStatus, StaticResource, manageability_core, property_document,
     resource_id_for)
 from dsmt.server.pldb import daemon as pldb_daemon
 from dsmt.transports.http import TreqTransport
 from dsmt.server.psepr_router import daemon as router_service
+from dsmt.transports.psepr.accounts import Accounts, passwd_line
 from dsmt.transports.psepr.event import Event
 from dsmt.transports.psepr_soap import PsEPRTransport, service_address
 from dsmt.transports.soap import HTTP_TRANSPORT, PSEPR_TRANSPORT
 from dsmt.transports.soap.core import SOAP11, SOAP12
 from dsmt.transports.soap.zeepsupport import bind, binding_classes, make_client
-from tests.support.psepr import PASSWORD, RouterHarness, connect
+from tests.support.psepr import PASSWORD, RouterHarness, accounts_text, connect
 from tests.transports.soap.service import FaultView, assert_core_fault
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
@@ -60,6 +63,25 @@ def _port(endpoint_service) -> defer.Deferred:
 def _envelope(version, body: str) -> bytes:
     return (f'<s:Envelope xmlns:s="{version.envelope_ns}" xmlns:rp="{RP_NS}" xmlns:m2="{MUWS2_NS}">'
             f"<s:Body>{body}</s:Body></s:Envelope>").encode()
+
+
+class ActionRecorder:
+    """zeep plugin: the (request Action, reply Action) of every call, faults included, as they travel."""
+
+    WSA = "{http://www.w3.org/2005/08/addressing}"
+
+    def __init__(self):
+        self.pairs: list[tuple[str, str]] = []
+        self._sent = None
+
+    def egress(self, envelope, http_headers, operation, binding_options):
+        self._sent = envelope.findtext(f"{{{etree.QName(envelope).namespace}}}Header/{self.WSA}Action")
+        return envelope, http_headers
+
+    def ingress(self, envelope, http_headers, operation):
+        self.pairs.append((self._sent, envelope.findtext(f"{{{etree.QName(envelope).namespace}}}Header/"
+                                                         f"{self.WSA}Action")))
+        return envelope, http_headers
 
 
 def _values(elements) -> dict[str, list[str]]:
@@ -218,17 +240,55 @@ class RouterManageTests(ManageHarness):
     @defer.inlineCallbacks
     def test_ws_addressing_2005_08_replies_correlate(self):
         wsa = "http://www.w3.org/2005/08/addressing"
-        header = (f'<s:Header><a:Action xmlns:a="{wsa}">{RP_NS}/GetResourceProperty</a:Action>'
-                  f'<a:MessageID xmlns:a="{wsa}">urn:uuid:6b0f4c1e-0000-4000-8000-000000000001</a:MessageID>'
-                  f'<a:To xmlns:a="{wsa}">{self.base}/manage12</a:To></s:Header>')
-        request = _envelope(SOAP12, "<rp:GetResourceProperty>m2:Caption</rp:GetResourceProperty>").replace(
-            b"<s:Body>", header.encode() + b"<s:Body>")
-        reply = etree.fromstring((yield self.post(SOAP12, request)))
-        assert reply.findtext(f"{{{SOAP12.envelope_ns}}}Header/{{{wsa}}}RelatesTo") == \
-            "urn:uuid:6b0f4c1e-0000-4000-8000-000000000001"
-        assert reply.findtext(f"{{{SOAP12.envelope_ns}}}Header/{{{wsa}}}Action") == \
-            f"{RP_NS}/manageability/GetResourcePropertyResponse"
-        assert reply.findtext(f".//{M2}Caption") == "dsmt PsEPR router"
+
+        def request(action: str, body: str = "<rp:GetResourceProperty>m2:Caption</rp:GetResourceProperty>"):
+            header = (f'<s:Header><a:Action xmlns:a="{wsa}">{action}</a:Action>'
+                      f'<a:MessageID xmlns:a="{wsa}">urn:uuid:6b0f4c1e-0000-4000-8000-000000000001</a:MessageID>'
+                      f'<a:To xmlns:a="{wsa}">{self.base}/manage12</a:To></s:Header>')
+            return _envelope(SOAP12, body).replace(b"<s:Body>", header.encode() + b"<s:Body>")
+
+        def headers(reply: bytes):
+            root = etree.fromstring(reply)
+            return (root.findtext(f"{{{SOAP12.envelope_ns}}}Header/{{{wsa}}}RelatesTo"),
+                    root.findtext(f"{{{SOAP12.envelope_ns}}}Header/{{{wsa}}}Action"))
+
+        reply = yield self.post(SOAP12, request(f"{RPW_NS}/GetResourceProperty/GetResourcePropertyRequest"))
+        assert headers(reply) == ("urn:uuid:6b0f4c1e-0000-4000-8000-000000000001",
+                                  f"{RPW_NS}/GetResourceProperty/GetResourcePropertyResponse")
+        assert etree.fromstring(reply).findtext(f".//{M2}Caption") == "dsmt PsEPR router"
+        # WS-RF faults carry WS-RF's fault Action
+        reply = yield self.post(SOAP12, request(f"{RPW_NS}/GetResourceProperty/GetResourcePropertyRequest",
+                                                "<rp:GetResourceProperty>m2:Nonsense</rp:GetResourceProperty>"))
+        assert headers(reply)[1] == WSRF_FAULT_ACTION
+        # an Action naming another operation than the Body's: WS-Addressing's ActionNotSupported, correlated
+        wrong = f"{RPW_NS}/GetResourcePropertyDocument/GetResourcePropertyDocumentRequest"
+        reply = yield self.post(SOAP12, request(wrong))
+        fault = FaultView(reply)
+        assert (fault.code, fault.subcodes) == ("Sender", [(wsa, "ActionNotSupported")])
+        assert etree.fromstring(reply).findtext(f".//{{{wsa}}}ProblemAction/{{{wsa}}}Action") == wrong
+        assert headers(reply) == ("urn:uuid:6b0f4c1e-0000-4000-8000-000000000001",
+                                  "http://www.w3.org/2005/08/addressing/soap/fault")
+        fault = FaultView((yield self.post(SOAP11, _envelope(SOAP11, "<rp:GetResourcePropertyDocument/>").replace(
+            b"<s:Body>", f'<s:Header><a:Action xmlns:a="{wsa}">urn:other</a:Action></s:Header><s:Body>'.encode()))))
+        assert fault.code == "ActionNotSupported"  # SOAP 1.1: wsa:ActionNotSupported as the faultcode
+
+    @defer.inlineCallbacks
+    def test_zeep_sends_and_receives_the_ws_rf_actions(self):
+        for version in (SOAP11, SOAP12):
+            client = yield self.client(version)
+            seen = ActionRecorder()
+            client.plugins.append(seen)
+            yield self.call(client, "GetResourcePropertyDocument")
+            yield self.call(client, "GetResourceProperty", etree.QName(MUWS2_NS, "Caption"))
+            yield self.call(client, "GetMultipleResourceProperties", [etree.QName(MUWS2_NS, "Caption")])
+            with self.assertRaises(zeep.exceptions.Fault):
+                yield self.call(client, "GetResourceProperty", etree.QName(MANAGE_NS, "Nonsense"))
+            assert seen.pairs == [(ACTIONS[op].input, ACTIONS[op].output) for op in (
+                "GetResourcePropertyDocument", "GetResourceProperty", "GetMultipleResourceProperties")] + [
+                (ACTIONS["GetResourceProperty"].input, WSRF_FAULT_ACTION)]
+            assert seen.pairs[0] == (
+                "http://docs.oasis-open.org/wsrf/rpw-2/GetResourcePropertyDocument/GetResourcePropertyDocumentRequest",
+                "http://docs.oasis-open.org/wsrf/rpw-2/GetResourcePropertyDocument/GetResourcePropertyDocumentResponse")
 
     @defer.inlineCallbacks
     def test_served_wsdl_is_the_committed_one(self):
@@ -251,6 +311,83 @@ def test_no_manageability_port_unless_asked():
     pldb = pldb_daemon.makeService(options)
     pldb.store.close()
     assert isinstance(pldb, pldb_daemon.PldbService)
+
+
+# ------------------------------------------------------------------ the router over PsEPR (loopback login)
+
+class RouterPsEPRManageTests(unittest.TestCase):
+    timeout = 15
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        accounts = self.mktemp()
+        with open(accounts, "w") as handle:
+            handle.write(accounts_text())
+        options = router_service.Options()
+        options.parseOptions(["--accounts", accounts, "--listen", "unix:" + self.mktemp(), "--listen", LOCAL,
+                              "--manage-psepr", "--stats-interval", "0", "--name", "router1"])
+        self.top = router_service.makeService(options)
+        self.top.startService()
+        self.router_url = f"psepr://127.0.0.1:{(yield _port(list(self.top)[1]))}"
+        yield self.top.manage_psepr.endpoint.lease.ready  # the router's own login, over loopback
+        self.alice = yield connect(self.router_url, "alice")
+        self.transport = PsEPRTransport(self.alice, timeout=5, instance="router1")
+        yield self.transport.start()
+
+    @defer.inlineCallbacks
+    def tearDown(self):
+        self.transport.close()
+        self.alice.close()
+        yield self.top.stopService()
+
+    @defer.inlineCallbacks
+    def test_committed_wsdl_psepr_port_answers_with_ws_rf_actions(self):
+        client = make_client(WSDL_FILE, self.transport, asynchronous=True)
+        seen = ActionRecorder()
+        client.plugins.append(seen)
+        service = bind(client, PSEPR_TRANSPORT)
+        document = yield defer.ensureDeferred(service.GetResourcePropertyDocument())
+        assert document.findtext(M2 + "Caption") == "dsmt PsEPR router"
+        assert document.findtext(M2 + "OperationalStatus") == "Available"
+        (status,) = yield defer.ensureDeferred(service.GetResourceProperty(etree.QName(MUWS2_NS, "OperationalStatus")))
+        assert status.text == "Available"
+        found = _values((yield defer.ensureDeferred(service.GetMultipleResourceProperties(
+            [etree.QName(MANAGE_NS, "Connections"), etree.QName(MUWS1_NS, "ResourceId")]))))
+        assert found == {M + "Connections": ["2"],  # alice and the router's own manageability connection
+                         M1 + "ResourceId": [self.top.manage.resource_id]}
+        with self.assertRaises(zeep.exceptions.Fault):
+            yield defer.ensureDeferred(service.GetResourceProperty(etree.QName(MANAGE_NS, "Nonsense")))
+        assert seen.pairs == [(ACTIONS[op].input, ACTIONS[op].output) for op in (
+            "GetResourcePropertyDocument", "GetResourceProperty", "GetMultipleResourceProperties")] + [
+            (ACTIONS["GetResourceProperty"].input, WSRF_FAULT_ACTION)]
+        endpoint = self.top.manage_psepr.endpoint
+        assert (endpoint.connection.service, endpoint.connection.instance) == ("psepr-router-manage", "router1")
+        assert endpoint.stats["answered"] == 4 and endpoint.stats["faults"] == 1, endpoint.stats
+
+    def test_internal_account_is_in_memory_only(self):
+        factory = self.top.router
+        assert "psepr-router-manage" in factory.core.accounts
+        assert "psepr-router-manage" not in Accounts.parse(accounts_text())
+        assert not factory.core.accounts.check("psepr-router-manage", PASSWORD)
+
+
+@pytest.mark.parametrize("listen, complaint", [
+    (["unix:/tmp/dsmt-router.sock"], "needs a TCP --listen endpoint"),
+    (["ssl:23346:privateKey=k.pem:certKey=c.pem"], "the endpoints given are ssl:23346"),
+])
+def test_manage_psepr_needs_a_tcp_listener(listen, complaint):
+    options = router_service.Options()
+    arguments = ["--allow-anonymous", "--manage-psepr"] + [item for each in listen for item in ("--listen", each)]
+    with pytest.raises(usage.UsageError, match=complaint):
+        options.parseOptions(arguments)
+
+
+def test_manage_psepr_refuses_an_accounts_file_holding_the_internal_account(tmp_path):
+    accounts = tmp_path / "accounts"
+    accounts.write_text(passwd_line("psepr-router-manage", "guessed") + "\n")
+    with pytest.raises(usage.UsageError, match="internal account"):
+        router_service.Options().parseOptions(["--accounts", str(accounts), "--manage-psepr"])
+    assert router_service.first_tcp_listen(["unix:/x", "TCP6:0", "tcp:1"]) == 1
 
 
 # ------------------------------------------------------------------ PLDB

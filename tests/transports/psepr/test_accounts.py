@@ -168,3 +168,15 @@ def test_unknown_names_cost_a_hash_too(secret_hash):
         timings[name] = time.perf_counter() - started
     assert timings["unknown"] > timings["known"] / 3
     assert timings["bad name"] > timings["known"] / 3
+
+
+def test_with_account_is_a_copy_with_one_more(secret_hash):
+    original = Accounts({"alice": secret_hash})
+    more = original.with_account("internal", "random secret")
+    assert "internal" in more and "alice" in more and len(more) == 2
+    assert "internal" not in original and len(original) == 1  # the original is unchanged
+    assert more.check("internal", "random secret") and not more.check("internal", "wrong")
+    with pytest.raises(AccountsError, match="already exists"):
+        more.with_account("alice", "x")
+    with pytest.raises(AccountsError, match="invalid account name"):
+        original.with_account("no spaces", "x")
