@@ -334,11 +334,12 @@ class PsEPRConnection:
         delay = step / 2 + self._rng.uniform(0, step / 2)
         self._reconnect_call = self.reactor.callLater(delay, self._attempt, len(self.addresses))
 
-    def _give_up(self, failure) -> None:
+    def _give_up(self, failure, *, quietly: bool = False) -> None:
+        """Fail everyone waiting for a connection; with nobody waiting, log why (unless ``quietly``)."""
         waiters, self._connected_waiters = self._connected_waiters, []
         for waiter in waiters:
             waiter.errback(failure)
-        if not waiters:
+        if not waiters and not quietly:
             log.error("giving up: {error}", error=getattr(failure, "getErrorMessage", lambda: failure)())
 
     # called by links ----------------------------------------------------
@@ -505,7 +506,7 @@ class PsEPRConnection:
         link, self.link = self.link, None
         if link is not None:
             link.close()
-        self._give_up(ConnectionClosed("connection was closed"))
+        self._give_up(ConnectionClosed("connection was closed"), quietly=True)  # closing is not an error
 
 
 def _cancel(lease: Lease, attribute: str) -> None:
