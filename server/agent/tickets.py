@@ -96,10 +96,11 @@ from lxml import etree
 from dsmt.server.slicemanager.spec import SLICE_NAME_PATTERN, SliceSpecError, normalize_node_address
 from dsmt.transports.soap.pki import MIN_RSA_KEY_BITS, CertificateError, Purpose, subject_text
 # wssec's algorithm tables and primitives: one implementation of XML-DSig signature values and C14N for
-# all of dsmt.  (They are module-private there; a later session may make them public.)
+# all of dsmt.
 from dsmt.transports.soap.wssec import (
-    DIGEST_METHODS, DS_NS, EXC_C14N, SIGNATURE_METHODS, SIGNATURE_URI_FOR, WEAK_DIGEST_METHODS,
-    WEAK_SIGNATURE_METHODS, canonical_bytes, key_kind, sign_bytes, signature_verifies)
+    DIGEST_METHODS, DS_NS, EXC_C14N, SIGNATURE_METHODS, WEAK_DIGEST_METHODS,
+    WEAK_SIGNATURE_METHODS, SigningError, canonical_bytes, key_kind, sign_bytes, signature_method_for,
+    signature_verifies)
 from dsmt.transports.xmlsafe import XmlSafetyError, parse_xml
 
 __all__ = [
@@ -302,19 +303,13 @@ def sign_ticket(ticket: Ticket, key, cert: x509.Certificate) -> bytes:
     problem = ticket.problem()
     if problem is not None:
         raise TicketSigningError(f"cannot sign an invalid ticket: {problem}")
-    public = serialization.PublicFormat.SubjectPublicKeyInfo
-    if key.public_key().public_bytes(serialization.Encoding.DER, public) != \
-            cert.public_key().public_bytes(serialization.Encoding.DER, public):
-        raise TicketSigningError(f"the private key does not belong to certificate {subject_text(cert)}")
+    try:
+        method = signature_method_for(key, cert)
+    except SigningError as exc:
+        raise TicketSigningError(str(exc)) from None
     if ticket.issuer != subject_text(cert):
         raise TicketSigningError(f"ticket issuer {ticket.issuer!r} is not the certificate's subject "
                                  f"{subject_text(cert)!r}")
-    kind, size = key_kind(cert.public_key())
-    if kind == "rsa" and size < MIN_RSA_KEY_BITS:
-        raise TicketSigningError(f"RSA key of {size} bits is too weak; at least {MIN_RSA_KEY_BITS} are required")
-    method = SIGNATURE_URI_FOR.get((kind, 0 if kind == "rsa" else size))
-    if method is None:
-        raise TicketSigningError(f"cannot sign with a {kind} key of {size} bits; use RSA or EC P-256/384/521")
 
     root = _payload_xml(ticket)
     root[-1].tail = "\n"
@@ -416,14 +411,7 @@ def verify_ticket(data: bytes, trust, *, now: float, node: str | None = None,
     see the module docstring for the order of checks.
     """
     # -- 1. parse ----------------------------------------------------------------------------------
-    try:
-        root = parse_xml(data, max_bytes=MAX_TICKET_BYTES, max_depth=_MAX_DEPTH, what="ticket")
-    except XmlSafetyError as exc:
-        raise TicketError(MALFORMED, str(exc)) from None
-    except (ValueError, LookupError, etree.LxmlError) as exc:
-        raise TicketError(MALFORMED, f"ticket is not readable XML: {exc}") from None
-    if root.tag != _t("ticket"):
-        raise TicketError(MALFORMED, f"the root element is {root.tag[:100]!r}, not {{{TICKET_NS}}}ticket")
+    root = _parse_ticket_root(data)
 
     # -- 2. signature structure: nothing a wrapping attack needs ------------------------------------
     signatures = _SIGNATURES(root)
@@ -553,9 +541,8 @@ def verify_ticket(data: bytes, trust, *, now: float, node: str | None = None,
     return ticket
 
 
-def parse_ticket(data: bytes) -> Ticket:
-    """The payload of a ticket **without checking its signature** — for display and bookkeeping only
-    (``svm``'s per-slice directory); anything that grants resources must call :func:`verify_ticket`."""
+def _parse_ticket_root(data: bytes):
+    """The ticket's root element, parsed safely; :class:`TicketError` ``malformed`` otherwise."""
     try:
         root = parse_xml(data, max_bytes=MAX_TICKET_BYTES, max_depth=_MAX_DEPTH, what="ticket")
     except XmlSafetyError as exc:
@@ -564,6 +551,13 @@ def parse_ticket(data: bytes) -> Ticket:
         raise TicketError(MALFORMED, f"ticket is not readable XML: {exc}") from None
     if root.tag != _t("ticket"):
         raise TicketError(MALFORMED, f"the root element is {root.tag[:100]!r}, not {{{TICKET_NS}}}ticket")
+    return root
+
+
+def parse_ticket(data: bytes) -> Ticket:
+    """The payload of a ticket **without checking its signature** — for display and bookkeeping only
+    (``svm``'s per-slice directory); anything that grants resources must call :func:`verify_ticket`."""
+    root = _parse_ticket_root(data)
     return _read_payload(root, root.find(_SIGNATURE))
 
 

@@ -131,7 +131,7 @@ __all__ = [
     "WsSecurityPolicy", "SigningTransport", "AsyncSigningTransport", "is_fault",
     # XML-DSig primitives shared with the agent's signed tickets (dsmt.server.agent.tickets)
     "WEAK_SIGNATURE_METHODS", "WEAK_DIGEST_METHODS", "SIGNATURE_URI_FOR", "canonical_bytes", "key_kind",
-    "sign_bytes", "signature_verifies",
+    "sign_bytes", "signature_verifies", "signature_method_for",
 ]
 
 # ----------------------------------------------------------------------------------- namespaces
@@ -474,6 +474,26 @@ def key_kind(public_key) -> tuple[str, int]:
     return type(public_key).__name__, 0
 
 
+def signature_method_for(key, certificate: x509.Certificate) -> str:
+    """The ``SignatureMethod`` URI for signing with ``key`` as the holder of ``certificate``.
+
+    Raises :class:`SigningError` when the key does not belong to the
+    certificate, is RSA under :data:`MIN_RSA_KEY_BITS`, or is of a kind or size
+    we do not sign with.  Shared by envelope signing and the agent's tickets.
+    """
+    public = serialization.PublicFormat.SubjectPublicKeyInfo
+    if key.public_key().public_bytes(serialization.Encoding.DER, public) != \
+            certificate.public_key().public_bytes(serialization.Encoding.DER, public):
+        raise SigningError(f"the private key does not belong to certificate {subject_text(certificate)}")
+    kind, size = key_kind(certificate.public_key())
+    if kind == "rsa" and size < MIN_RSA_KEY_BITS:
+        raise SigningError(f"RSA key of {size} bits is too weak; at least {MIN_RSA_KEY_BITS} are required")
+    uri = SIGNATURE_URI_FOR.get((kind, 0 if kind == "rsa" else size))
+    if uri is None:
+        raise SigningError(f"cannot sign with a {kind} key of {size} bits; use RSA or EC P-256/384/521")
+    return uri
+
+
 class Signer:
     """Signs SOAP envelopes with an X.509 key: Body, Timestamp and WS-Addressing headers.
 
@@ -488,16 +508,7 @@ class Signer:
     def __init__(self, key, certificate: x509.Certificate, *, ttl: float = DEFAULT_TTL,
                  clock: Callable[[], float] = time.time, must_understand: bool = True,
                  max_bytes: int = MAX_ENVELOPE_BYTES):
-        public = serialization.PublicFormat.SubjectPublicKeyInfo
-        if key.public_key().public_bytes(serialization.Encoding.DER, public) != \
-                certificate.public_key().public_bytes(serialization.Encoding.DER, public):
-            raise SigningError(f"the private key does not belong to certificate {subject_text(certificate)}")
-        kind, size = key_kind(certificate.public_key())
-        if kind == "rsa" and size < MIN_RSA_KEY_BITS:
-            raise SigningError(f"RSA key of {size} bits is too weak; at least {MIN_RSA_KEY_BITS} are required")
-        uri = SIGNATURE_URI_FOR.get((kind, 0 if kind == "rsa" else size))
-        if uri is None:
-            raise SigningError(f"cannot sign with a {kind} key of {size} bits; use RSA or EC P-256/384/521")
+        uri = signature_method_for(key, certificate)
         if not ttl > 0:
             raise SigningError(f"ttl must be positive seconds, not {ttl!r}")
         self.certificate = certificate
