@@ -579,7 +579,8 @@ def run_all(servers: list[Server], args, workdirs: dict[str, Path], log) -> list
 def client_costs(count: int = 4000) -> dict[str, float]:
     """µs per event of each client-side step, measured in this process (no sockets)."""
     from dsmt.transports.psepr import stream
-    from dsmt.transports.psepr.event import Event, event_to_xml, parse_event
+    from dsmt.transports.psepr.backend_router import STANZA_DEPTH, StanzaReader
+    from dsmt.transports.psepr.event import Event, event_from_element, event_to_xml, parse_event
     from dsmt.transports.psepr.nats import NatsParser, channel_to_subject, pub_command
 
     channel = "/org/dsmt/ns/deployment/xyz1/org.dsmt.component.sliver-mgr/status/planetlab7.nbgisp.com/"
@@ -616,10 +617,12 @@ def client_costs(count: int = 4000) -> dict[str, float]:
 
     router_chunks, nats_chunks = chunks(router_stream), chunks(nats_stream * count)
 
-    def router_frame(n):
-        parser = stream.StreamParser()
+    def router_receive(n):  # what the router backend's link does per stanza (one lxml pull parse)
+        reader = StanzaReader()
         for chunk in router_chunks:
-            parser.feed(chunk)
+            for element in reader.feed(chunk):
+                event_from_element(element, max_depth=STANZA_DEPTH)
+            reader.release()
 
     def nats_frame(n):
         parser = NatsParser()
@@ -633,9 +636,9 @@ def client_costs(count: int = 4000) -> dict[str, float]:
     return {"build Event (validation)": per_event(build),
             "serialise for router (event_to_xml + wrap_message)": per_event(router_wire),
             "serialise for NATS (event_to_xml + subject + PUB)": per_event(nats_wire),
-            "router stream framing (StreamParser, expat)": per_event(router_frame),
+            "router client receive (StanzaReader + event_from_element)": per_event(router_receive),
             "NATS framing (NatsParser)": per_event(nats_frame),
-            "parse_event (lxml tree + Event)": per_event(parse)}
+            "parse_event (NATS client: lxml tree + Event)": per_event(parse)}
 
 
 def parse_event_profile(count: int = 3000) -> str:
