@@ -547,6 +547,13 @@ def run_all(servers: list[Server], args, workdirs: dict[str, Path], log) -> list
                         scenario = scenario.replace(" ", " raw ", 1) if raw and " " in scenario else (
                             scenario + " raw" if raw else scenario)
                         for server in servers:
+                            if rate and args.warmup > 0:  # steady state: the first paced round pays start-up costs
+                                round_number += 1
+                                log(f"  {server.name}: {scenario} warm-up ({args.warmup:g} s, not measured)")
+                                run_round(server, publishers[server.name], subscribers[server.name],
+                                          round_number=round_number, count=max(1, int(rate * args.warmup)),
+                                          rate=rate, scenario=scenario + " warm-up", deadline=20 + args.warmup,
+                                          raw=raw, quiet=0.0, log=log)
                             tries = []
                             for attempt in range(args.repeat):
                                 round_number += 1
@@ -811,6 +818,8 @@ def parse_args(argv=None):
     options.add_argument("--count", type=int, help="events of the 1→1 unthrottled run (default 20,000)")
     options.add_argument("--fanout-count", type=int, help="events of the 1→N unthrottled run (default 10,000)")
     options.add_argument("--duration", type=int, help="seconds of each paced run (default 5)")
+    options.add_argument("--warmup", type=float, default=1.0, metavar="SECONDS",
+                         help="unmeasured paced round before each paced scenario (default 1 s; 0: none)")
     options.add_argument("--rate-1", type=int, default=5000, help="paced rate to 1 subscriber (events/s)")
     options.add_argument("--rate-n", type=int, default=2000, help="paced rate to N subscribers (events/s)")
     options.add_argument("--subscribers", type=int, default=10, help="N of the fan-out runs")
