@@ -126,13 +126,21 @@ def serve(gc_freeze: bool) -> None:
 
 # ---------------------------------------------------------------- load process
 
-def load(port: int, path: str, body: bytes, callers: int, warmup: float, seconds: float) -> None:
-    """Drive ``callers`` persistent connections; print one JSON line: calls counted and latencies (µs)."""
+def load(port: int, path: str, body: bytes, callers: int, warmup: float, seconds: float, *,
+         make_body=None) -> None:
+    """Drive ``callers`` persistent connections; print one JSON line: calls counted and latencies (µs).
+
+    Every call posts ``body``, or a fresh ``make_body()`` when given (``bench/soap_psepr.py`` uses it
+    for a new MessageID per call).
+    """
     from twisted.internet import protocol, reactor
 
-    head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: text/xml; charset=utf-8\r\n"
-            f"SOAPAction: \"ping\"\r\nContent-Length: {len(body)}\r\n\r\n").encode()
-    message = head + body
+    def request(data: bytes) -> bytes:
+        return (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: text/xml; charset=utf-8\r\n"
+                f"SOAPAction: \"ping\"\r\nContent-Length: {len(data)}\r\n\r\n").encode() + data
+
+    fixed = request(body)
+    next_message = (lambda: request(make_body())) if make_body is not None else (lambda: fixed)
     start = time.perf_counter_ns() + int(warmup * 1e9)
     stop = start + int(seconds * 1e9)
     latencies: list[int] = []
@@ -145,6 +153,7 @@ def load(port: int, path: str, body: bytes, callers: int, warmup: float, seconds
             self.send()
 
         def send(self):
+            message = next_message()
             self.sent = time.perf_counter_ns()
             self.transport.write(message)
 
@@ -179,7 +188,8 @@ def load(port: int, path: str, body: bytes, callers: int, warmup: float, seconds
     for _ in range(callers):
         reactor.connectTCP("127.0.0.1", port, factory)
     reactor.run()
-    print(json.dumps({"calls": len(latencies), "failures": failures[0], "latencies_us": [n // 1000 for n in latencies]}))
+    print(json.dumps({"calls": len(latencies), "failures": failures[0], "latencies_us": [n // 1000 for n in latencies]}),
+          flush=True)
 
 
 def zeep_load(port: int, warmup: float, seconds: float) -> None:

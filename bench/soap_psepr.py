@@ -137,60 +137,14 @@ def role_host(url: str, count: int, prefix: str, http: bool) -> None:
 
 
 def role_load_http(port: int, callers: int, warmup: float, seconds: float) -> None:
+    """The raw HTTP load generator of ``bench/soap_http.py``, with a fresh MessageID per call."""
     import uuid
 
-    from twisted.internet import protocol, reactor
+    from soap_http import load
 
     template = request_template(make_core("http://schemas.xmlsoap.org/soap/http"), f"http://127.0.0.1:{port}/soap")
-    start = time.perf_counter_ns() + int(warmup * 1e9)
-    stop = start + int(seconds * 1e9)
-    latencies: list[int] = []
-    failures = [0]
-    done: list = []
-
-    class Caller(protocol.Protocol):
-        def connectionMade(self):
-            self.transport.setTcpNoDelay(True)
-            self.buffer = b""
-            self.send()
-
-        def send(self):
-            body = template.replace(b"@MID@", f"urn:uuid:{uuid.uuid4()}".encode())
-            self.sent = time.perf_counter_ns()
-            self.transport.write(b"POST /soap HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: text/xml; charset=utf-8\r\n"
-                                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-
-        def dataReceived(self, data):
-            self.buffer += data
-            while True:
-                end = self.buffer.find(b"\r\n\r\n")
-                if end < 0:
-                    return
-                headers = self.buffer[:end].lower()
-                length = int(headers.split(b"content-length:")[1].split(b"\r\n")[0])
-                if len(self.buffer) < end + 4 + length:
-                    return
-                if not headers.startswith(b"http/1.1 200"):
-                    failures[0] += 1
-                self.buffer = self.buffer[end + 4 + length:]
-                now = time.perf_counter_ns()
-                if start <= self.sent and now <= stop:
-                    latencies.append(now - self.sent)
-                if now > stop:
-                    self.transport.loseConnection()
-                    return
-                self.send()
-
-        def connectionLost(self, reason):
-            done.append(self)
-            if len(done) == callers:
-                reactor.stop()
-
-    factory = protocol.ClientFactory.forProtocol(Caller)
-    for _ in range(callers):
-        reactor.connectTCP("127.0.0.1", port, factory)
-    reactor.run()
-    emit(calls=len(latencies), failures=failures[0], latencies_us=[n // 1000 for n in latencies])
+    load(port, "/soap", template, callers, warmup, seconds,
+         make_body=lambda: template.replace(b"@MID@", f"urn:uuid:{uuid.uuid4()}".encode()))
 
 
 def role_load_treq(port: int, callers: int, warmup: float, seconds: float) -> None:
