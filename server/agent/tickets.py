@@ -93,6 +93,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from lxml import etree
 
+from dsmt.server.refusal import Refusal
 from dsmt.server.slicemanager.spec import SLICE_NAME_PATTERN, SliceSpecError, normalize_node_address
 from dsmt.transports.soap.pki import MIN_RSA_KEY_BITS, CertificateError, Purpose, subject_text
 # wssec's algorithm tables and primitives: one implementation of XML-DSig signature values and C14N for
@@ -152,16 +153,8 @@ CODES = (MALFORMED, WRAPPING, WEAK_ALGORITHM, UNSUPPORTED_ALGORITHM, UNTRUSTED_I
          NOT_YET_VALID, EXPIRED, WRONG_NODE)
 
 
-class TicketError(Exception):
+class TicketError(Refusal):
     """A ticket was refused: ``code`` (one of :data:`CODES`) and a precise ``reason``."""
-
-    def __init__(self, code: str, reason: str):
-        super().__init__(code, reason)
-        self.code = code
-        self.reason = reason
-
-    def __str__(self) -> str:
-        return f"{self.code}: {self.reason}"
 
 
 class TicketSigningError(ValueError):

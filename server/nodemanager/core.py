@@ -23,6 +23,7 @@ import uuid
 from typing import Callable, Collection
 
 from dsmt.server.agent.tickets import DEFAULT_MAX_SKEW, TicketError, Ticket, verify_ticket
+from dsmt.server.refusal import Refusal
 from dsmt.server.slicemanager.spec import normalize_node_address
 from .store import ACTIVE, Lease, LeaseStore
 
@@ -35,16 +36,8 @@ ALREADY_LEASED = "already-leased"
 REPLAYED = "replayed"
 
 
-class AdmissionRefused(Exception):
-    """A redeem was refused: ``code`` (capacity, policy, already-leased, or a TicketError code) and ``reason``."""
-
-    def __init__(self, code: str, reason: str):
-        super().__init__(code, reason)
-        self.code = code
-        self.reason = reason
-
-    def __str__(self) -> str:
-        return f"{self.code}: {self.reason}"
+class AdmissionRefused(Refusal):
+    """A redeem was refused: ``code`` (capacity, policy, already-leased, replayed, or a TicketError code)."""
 
 
 class NoLease(LookupError):
