@@ -57,26 +57,9 @@ from dsmt.transports.psepr.client import Address, PsEPRConnection
 from dsmt.transports.psepr.event import (
     Event, EventError, LeasePayload, event_from_element, event_to_xml, parse_event)
 from dsmt.transports.psepr.router import ROUTER_SERVICE
+from _common import CHUNK_BYTES, best_of, event_stanza
 
-CHUNK_BYTES = 64 * 1024
-STANZA_BYTES = 1024
 LEASE_CHANNEL = "/org/dsmt/ns/deployment/xyz1/"
-
-
-def event_stanza(host_number: int) -> bytes:
-    """A status event as a sliver manager sends it, padded to :data:`STANZA_BYTES` in its value."""
-    host = f"planetlab{host_number % 1000}.nbgisp.com"
-    head = (
-        '<event xmlns="http://psepr.org/xs/event">'
-        f"<to><channel>/org/dsmt/ns/deployment/xyz1/org.dsmt.component.sliver-mgr/status/{host}/</channel>"
-        "<service>xyz1_mgr</service><instance/></to>"
-        f"<from><service>xyz1_mgr</service><instance>{host}</instance></from>"
-        '<payload xmlns="http://psepr.org/xs/payload/attribute">'
-        f"<field>deployment-status</field><value>hostname={host},status=requested,detail="
-    )
-    tail = "</value><expire>90</expire></payload></event>"
-    bare = len(stream.wrap_message((head + tail).encode()))
-    return stream.wrap_message((head + "x" * (STANZA_BYTES - bare) + tail).encode())
 
 
 def event_chunks(count: int, chunk_bytes: int = CHUNK_BYTES) -> list[bytes]:
@@ -201,15 +184,6 @@ def receive(link_class, chunks: list[bytes]) -> tuple[float, int]:
 def rss_mb() -> float:
     with open("/proc/self/statm") as statm:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
-
-
-def best_of(runs: int, run) -> float:
-    best = float("inf")
-    for _ in range(runs):
-        started = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - started)
-    return best
 
 
 def breakdown(chunks: list[bytes], count: int, runs: int) -> None:

@@ -19,11 +19,11 @@ from __future__ import annotations
 import argparse
 import cProfile
 import pstats
-import time
 
 from dsmt.transports.psepr.backend_nats import NatsLink
 from dsmt.transports.psepr.event import Event, event_to_xml
 from dsmt.transports.psepr.nats import NatsClientProtocol, channel_to_subject, pub_command
+from _common import best_of
 
 HOSTS = 50
 EVENT_BYTES = 1024
@@ -86,15 +86,6 @@ def connected_link() -> tuple[NatsLink, CountingTransport]:
     protocol.dataReceived(b"PONG\r\n")  # the handshake's answer: ready
     assert protocol.ready.called
     return NatsLink(protocol, Handler(), reactor=None), transport
-
-
-def best_of(runs: int, function, *args) -> float:
-    best = float("inf")
-    for _ in range(runs):
-        started = time.perf_counter()
-        function(*args)
-        best = min(best, time.perf_counter() - started)
-    return best
 
 
 def main() -> None:

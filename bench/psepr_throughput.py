@@ -67,6 +67,8 @@ from pathlib import Path
 
 import psutil
 
+from _common import child_env
+
 HERE = Path(__file__).resolve().parent
 PEER = HERE / "_psepr_peer.py"
 ROUTER_RUNNER = HERE / "_psepr_router.py"
@@ -85,14 +87,6 @@ BAR_EVENTS_1_1 = 20_000
 BAR_DELIVERIES_1_10 = 40_000
 BAR_PACED_P99_MS = 2.0
 BAR_LEASE_RSS_MB = 100.0
-
-
-def child_env(**extra) -> dict[str, str]:
-    """This environment, with PYTHONPATH made absolute (children may run in another directory)."""
-    env = dict(os.environ, **extra)
-    if env.get("PYTHONPATH"):
-        env["PYTHONPATH"] = os.pathsep.join(os.path.abspath(p) for p in env["PYTHONPATH"].split(os.pathsep) if p)
-    return env
 
 
 class HarnessError(Exception):

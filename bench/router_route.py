@@ -29,9 +29,8 @@ import time
 from dsmt.transports.psepr import stream
 from dsmt.transports.psepr.event import Event, LeasePayload, event_to_xml
 from dsmt.transports.psepr.router import RouterCore, RouterSession
+from _common import CHUNK_BYTES, STANZA_BYTES, best_of
 
-CHUNK_BYTES = 64 * 1024
-STANZA_BYTES = 1024
 HOSTS = 50
 SLICE = "/org/dsmt/ns/deployment/xyz1/"
 FIELD = "deployment-status"
@@ -42,7 +41,10 @@ def channel_of(host_number: int) -> str:
 
 
 def event_stanza(host_number: int) -> bytes:
-    """An attribute event as ``PsEPRConnection`` sends it (from/service, from/instance), padded to ~1 KB."""
+    """An attribute event as ``PsEPRConnection`` sends it (from/service, from/instance), padded to ~1 KB.
+
+    (Not ``_common.event_stanza``: routing needs the same channels as the leases set up here.)
+    """
     def stanza(value: str) -> bytes:
         event = Event.attribute(channel_of(host_number), FIELD, value, from_service="bench",
                                 from_instance="publisher.example.org")
@@ -125,15 +127,6 @@ def lookups(core: RouterCore, routes: list[tuple]) -> None:
     receivers = core.leases.receivers
     for channel, to_service, to_instance, _, _, payload_type in routes:
         receivers(channel, payload_type, to_service, to_instance)
-
-
-def best_of(runs: int, function, *args) -> float:
-    best = float("inf")
-    for _ in range(runs):
-        started = time.perf_counter()
-        function(*args)
-        best = min(best, time.perf_counter() - started)
-    return best
 
 
 def main() -> None:

@@ -42,19 +42,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from _common import child_env, percentile
 
 HERE = Path(__file__).resolve()
 TNS = "http://dsmt.org/ns/bench/ping"
 #: The bar from the issue: SOAP/HTTP calls/s at least this share of the raw resource's.
 BAR_RATIO = 0.80
-
-
-def child_env() -> dict[str, str]:
-    """This environment, with PYTHONPATH made absolute (children may run in another directory)."""
-    env = dict(os.environ)
-    if env.get("PYTHONPATH"):
-        env["PYTHONPATH"] = os.pathsep.join(os.path.abspath(p) for p in env["PYTHONPATH"].split(os.pathsep) if p)
-    return env
 
 
 # ---------------------------------------------------------------- server process
@@ -216,11 +209,6 @@ def zeep_load(port: int, warmup: float, seconds: float) -> None:
 
 
 # ---------------------------------------------------------------- harness
-
-def percentile(values: list[int], q: float) -> float:
-    ordered = sorted(values)
-    return float(ordered[min(len(ordered) - 1, int(q * len(ordered)))]) if ordered else float("nan")
-
 
 def run_load(args, port: int, path: str, body: str, callers: int) -> dict:
     processes = min(callers, args.load_processes)

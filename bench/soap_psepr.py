@@ -36,18 +36,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from _common import child_env, percentile
 
 HERE = Path(__file__).resolve()
 TNS = "http://dsmt.org/ns/bench/ping"
 SERVICE = "ping"
 BAR_MULTICAST_P50 = 0.5
-
-
-def child_env() -> dict[str, str]:
-    env = dict(os.environ)
-    if env.get("PYTHONPATH"):
-        env["PYTHONPATH"] = os.pathsep.join(os.path.abspath(p) for p in env["PYTHONPATH"].split(os.pathsep) if p)
-    return env
 
 
 def make_core(transport_uri: str):
@@ -286,11 +280,6 @@ def stop(*processes: subprocess.Popen) -> None:
             process.wait(5)
         except subprocess.TimeoutExpired:
             process.kill()
-
-
-def percentile(values: list, share: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(share * len(ordered)))] if ordered else float("nan")
 
 
 def run_load(kind: str, target: str, callers: int, processes: int, warmup: float, seconds: float) -> dict:

@@ -20,26 +20,9 @@ import pstats
 import time
 
 from dsmt.transports.psepr.stream import (
-    STREAM_CLOSE, Stanza, StreamParser, is_error_message, stream_header, wrap_message)
+    STREAM_CLOSE, Stanza, StreamParser, is_error_message, stream_header)
+from _common import CHUNK_BYTES, event_stanza
 
-CHUNK_BYTES = 64 * 1024
-STANZA_BYTES = 1024
-
-
-def event_stanza(host_number: int) -> bytes:
-    """A status event as a sliver manager sends it, padded to :data:`STANZA_BYTES` in its value."""
-    host = f"planetlab{host_number % 1000}.nbgisp.com"
-    head = (
-        '<event xmlns="http://psepr.org/xs/event">'
-        f"<to><channel>/org/dsmt/ns/deployment/xyz1/org.dsmt.component.sliver-mgr/status/{host}/</channel>"
-        "<service>xyz1_mgr</service><instance/></to>"
-        f"<from><service>xyz1_mgr</service><instance>{host}</instance></from>"
-        '<payload xmlns="http://psepr.org/xs/payload/attribute">'
-        f"<field>deployment-status</field><value>hostname={host},status=requested,detail="
-    )
-    tail = "</value><expire>90</expire></payload></event>"
-    bare = len(wrap_message((head + tail).encode()))
-    return wrap_message((head + "x" * (STANZA_BYTES - bare) + tail).encode())
 
 
 def make_stream(count: int) -> bytes:
