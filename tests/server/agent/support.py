@@ -10,22 +10,9 @@ from lxml import etree
 
 from dsmt.server.agent.tickets import TICKET_NS, Ticket
 from dsmt.transports.soap import pki
+from tests.support.testpki import NOW, Party, authorities, issue  # noqa: F401  (NOW: the tests read it from here)
 
-#: 2027-01-15T08:00:00Z: every ticket is issued and checked around this instant.
-NOW = 1_800_000_000
-#: When the test certificates were issued (30 days before NOW; valid one year).
-ISSUED = NOW - 30 * 86400
 DS = "http://www.w3.org/2000/09/xmldsig#"
-
-
-@dataclass(frozen=True)
-class Party:
-    key: object
-    cert: object
-
-    @property
-    def subject(self) -> str:
-        return pki.subject_text(self.cert)
 
 
 @dataclass(frozen=True)
@@ -44,12 +31,7 @@ class Pki:
 
 @functools.lru_cache(maxsize=None)
 def parties() -> Pki:
-    ca = Party(*pki.make_ca("dsmt test CA", key_type="ec", now=ISSUED))
-    other = Party(*pki.make_ca("another CA", key_type="ec", now=ISSUED))
-
-    def issue(issuer: Party, kind: str, name: str) -> Party:
-        return Party(*pki.make_certificate(issuer.key, issuer.cert, kind, name, key_type="ec", now=ISSUED))
-
+    ca, other = authorities()
     return Pki(ca, issue(ca, "service", "agent"), issue(ca, "service", "agent2"), issue(ca, "user", "alice"), other,
                issue(other, "service", "agent"))
 
@@ -57,8 +39,7 @@ def parties() -> Pki:
 @functools.lru_cache(maxsize=None)
 def rsa_agent() -> Party:
     """An RSA-3072 service of the test CA (made once: RSA key generation is slow)."""
-    ca = parties().ca
-    return Party(*pki.make_certificate(ca.key, ca.cert, "service", "rsa-agent", key_type="rsa", now=ISSUED))
+    return issue(parties().ca, "service", "rsa-agent", key_type="rsa")
 
 
 def ticket(party: Party | None = None, **changes) -> Ticket:

@@ -26,10 +26,10 @@ from dsmt.transports.soap.wssec import (
     DS_NS, SOAP11_NS, SOAP12_NS, WSA_NS, WSSE_NS, WSU_NS, X509V3, SigningError, Signer, Verifier, WsSecurityFault,
     WsSecurityPolicy)
 
+from tests.support.testpki import ISSUED, NOW as TEST_NOW, Party, authorities, issue  # noqa: F401  (Party: other wssec tests import it from here)
+
 #: 2027-01-15T08:00:00Z: every message is signed and checked around this instant.
-NOW = 1_800_000_000.0
-#: When the test certificates were issued (30 days before NOW; valid one year).
-ISSUED = NOW - 30 * 86400
+NOW = float(TEST_NOW)
 
 SOAP11_ENVELOPE = f"""<?xml version="1.0" encoding="utf-8"?>
 <soap:Envelope xmlns:soap="{SOAP11_NS}" xmlns:wsa="{WSA_NS}"><soap:Header>
@@ -52,12 +52,6 @@ BARE_ENVELOPE = f'<s:Envelope xmlns:s="{SOAP11_NS}"><s:Body><p:ping xmlns:p="urn
 # ------------------------------------------------------------------------------------------ PKI
 
 @dataclass(frozen=True)
-class Party:
-    key: object
-    cert: object
-
-
-@dataclass(frozen=True)
 class Pki:
     ca: Party
     alice: Party          # user, clientAuth
@@ -73,12 +67,7 @@ class Pki:
 
 @functools.lru_cache(maxsize=None)
 def parties() -> Pki:
-    ca = Party(*pki.make_ca("dsmt test CA", key_type="ec", now=ISSUED))
-    other = Party(*pki.make_ca("another CA", key_type="ec", now=ISSUED))
-
-    def issue(issuer: Party, kind: str, name: str, **options) -> Party:
-        return Party(*pki.make_certificate(issuer.key, issuer.cert, kind, name, key_type="ec", now=ISSUED, **options))
-
+    ca, other = authorities()
     return Pki(ca, issue(ca, "user", "alice"), issue(ca, "user", "bob"),
                issue(ca, "service", "nodemanager", dns_names=["node1.example"]), other, issue(other, "user", "mallory"))
 
@@ -86,8 +75,7 @@ def parties() -> Pki:
 @functools.lru_cache(maxsize=None)
 def rsa_party() -> Party:
     """An RSA-3072 user of the test CA (made once: RSA key generation is slow)."""
-    ca = parties().ca
-    return Party(*pki.make_certificate(ca.key, ca.cert, "user", "carol", key_type="rsa", now=ISSUED))
+    return issue(parties().ca, "user", "carol", key_type="rsa")
 
 
 
