@@ -55,21 +55,6 @@ def pem_key(party: Party) -> bytes:
                                    serialization.NoEncryption())
 
 
-def xmlsec_verifies(data: bytes, party: Party, *, ids: bool = False) -> bool:
-    """xmlsec's own full verification with ``party``'s certificate (registering ``Id`` attributes when ``ids``)."""
-    root = etree.fromstring(data)
-    if ids:
-        xmlsec.tree.add_ids(root, ["Id"])
-    context = xmlsec.SignatureContext()
-    context.key = xmlsec.Key.from_memory(party.cert.public_bytes(serialization.Encoding.PEM),
-                                         xmlsec.KeyFormat.CERT_PEM)
-    try:
-        context.verify(root.find(f".//{{{DS}}}Signature"))
-    except xmlsec.Error:
-        return False
-    return True
-
-
 def unsigned(data: bytes) -> etree._Element:
     """The ticket document of ``data`` without its ds:Signature (tail kept, as the transform does)."""
     root = etree.fromstring(data)

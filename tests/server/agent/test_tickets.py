@@ -14,7 +14,9 @@ from dsmt.server.agent.tickets import (
     WEAK_ALGORITHM, WRAPPING, WRONG_NODE, TicketError, TicketSigningError, parse_ticket, sign_ticket, verify_ticket)
 from dsmt.transports.soap import pki
 
-from .support import DS, NOW, parties, rsa_agent, t, ticket, unsigned, xmlsec_signed, xmlsec_verifies
+from tests.support.testpki import xmlsec_verifies
+
+from .support import DS, NOW, parties, rsa_agent, t, ticket, unsigned, xmlsec_signed
 
 
 def signed(party=None, **changes) -> bytes:

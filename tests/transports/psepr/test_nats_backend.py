@@ -27,7 +27,7 @@ from dsmt.transports.psepr.event import ATTRIBUTE_NS, MAX_EVENT_BYTES, Event, Op
 from dsmt.transports.psepr.leasetable import DEFAULT_MAX_LEASE_SECONDS
 from dsmt.transports.psepr.nats import NatsAuthorizationError, channel_to_subject, connect_nats, subtree_subjects
 from tests.support.natsserver import NatsServer, _wait_until
-from tests.support.psepr import PASSWORD, Collector
+from tests.support.psepr import PASSWORD, listen
 
 pytestmark = pytest.mark.nats
 
@@ -104,14 +104,8 @@ class NatsBackendTestCase(TestCase):
         self.addCleanup(protocol.close)
         return protocol
 
-    @inlineCallbacks
     def listen(self, connection, channel, payload_type=None, seconds=60):
-        collector = Collector()
-        lease = connection.lease(channel, seconds, payload_type, callback=collector)
-        yield lease.ready
-        yield connection.flush()
-        collector.lease = lease
-        return collector
+        return listen(connection, channel, payload_type, seconds)
 
 
 def wait_for_interest_via(cluster, index, via, subject) -> Deferred:
