@@ -101,7 +101,7 @@ from dsmt.transports.soap.pki import MIN_RSA_KEY_BITS, CertificateError, Purpose
 from dsmt.transports.soap.wssec import (
     DIGEST_METHODS, DS_NS, EXC_C14N, SIGNATURE_METHODS, WEAK_DIGEST_METHODS,
     WEAK_SIGNATURE_METHODS, SigningError, canonical_bytes, key_kind, sign_bytes, signature_method_for,
-    signature_verifies)
+    signature_verifies, read_certificate)
 from dsmt.transports.xmlsafe import XmlSafetyError, parse_xml
 
 __all__ = [
@@ -473,10 +473,7 @@ def verify_ticket(data: bytes, trust, *, now: float, node: str | None = None,
         raise TicketError(MALFORMED, f"ds:X509Certificate is {len(text)} characters, over the limit of "
                                      f"{MAX_CERTIFICATE_CHARS}")
     try:
-        certificate = x509.load_der_x509_certificate(_b64(certificates[0], "ds:X509Certificate"))
-        subject = subject_text(certificate)   # parsed lazily: touch what is used, so a bad field fails here
-        _ = certificate.issuer, certificate.extensions
-        public_key = certificate.public_key()
+        certificate, subject, public_key = read_certificate(_b64(certificates[0], "ds:X509Certificate"))
     except ValueError as exc:
         raise TicketError(MALFORMED, f"ds:X509Certificate is not an X.509 certificate: {exc}") from None
     except UnsupportedAlgorithm as exc:

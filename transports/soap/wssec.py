@@ -131,7 +131,7 @@ __all__ = [
     "WsSecurityPolicy", "SigningTransport", "AsyncSigningTransport", "is_fault",
     # XML-DSig primitives shared with the agent's signed tickets (dsmt.server.agent.tickets)
     "WEAK_SIGNATURE_METHODS", "WEAK_DIGEST_METHODS", "SIGNATURE_URI_FOR", "canonical_bytes", "key_kind",
-    "sign_bytes", "signature_verifies", "signature_method_for",
+    "sign_bytes", "signature_verifies", "signature_method_for", "read_certificate",
 ]
 
 # ----------------------------------------------------------------------------------- namespaces
@@ -474,6 +474,19 @@ def key_kind(public_key) -> tuple[str, int]:
     return type(public_key).__name__, 0
 
 
+def read_certificate(der: bytes):
+    """``(certificate, subject, public_key)`` of a DER certificate.
+
+    cryptography parses lazily, so every field used later is touched here and
+    a malformed one fails now: ``ValueError`` for what is not a certificate,
+    ``UnsupportedAlgorithm`` for a key type it does not know.  Shared by
+    WS-Security tokens and the agent's tickets.
+    """
+    certificate = x509.load_der_x509_certificate(der)
+    subject, _, _ = subject_text(certificate), certificate.issuer, certificate.extensions
+    return certificate, subject, certificate.public_key()
+
+
 def signature_method_for(key, certificate: x509.Certificate) -> str:
     """The ``SignatureMethod`` URI for signing with ``key`` as the holder of ``certificate``.
 
@@ -760,10 +773,7 @@ def _load_token(text: str) -> _Token:
     except (binascii.Error, ValueError):
         raise _fault(INVALID_SECURITY_TOKEN, "wsse:BinarySecurityToken is not valid base64") from None
     try:
-        certificate = x509.load_der_x509_certificate(der)
-        # cryptography parses lazily: touch every field used later, so a malformed one fails here
-        subject, _, _ = subject_text(certificate), certificate.issuer, certificate.extensions
-        public_key = certificate.public_key()
+        certificate, subject, public_key = read_certificate(der)
     except ValueError as exc:
         raise _fault(INVALID_SECURITY_TOKEN, f"wsse:BinarySecurityToken is not an X.509 certificate: {exc}") from None
     except UnsupportedAlgorithm as exc:
