@@ -13,6 +13,10 @@ and ``from``; the sender's host is the ``from`` instance):
 * :func:`node_list` — the container manager's node set: channel
   ``…/org.dsmt.component.container-mgr/``, field ``node-list``, value
   ``node/STATUS,node/STATUS,…``.
+* :func:`node_exclude` — the command the container manager listens for: channel
+  ``…/org.dsmt.component.container-mgr/``, field ``node-exclude``, value
+  ``hostname=<host>,slice=<slice>``; :func:`parse_node_exclude` reads one back
+  strictly (exactly those two pairs, at most :data:`MAX_COMMAND_VALUE_CHARS`).
 * :func:`parse_pairs` reads the ``key=value,…`` values back (what a listener or
   the ``node-exclude`` command handler needs).
 
@@ -34,7 +38,8 @@ __all__ = [
     "STATUS_EXPIRE", "INSTALL_STATES", "SLIVER_STATES", "NODE_LIST_STATES", "SLIVER_MGR", "CONTAINER",
     "SLIVER_BOOTSTRAP", "DEPLOYMENT_AGENT", "CONTAINER_MGR", "StatusValueError", "manager_service",
     "status_channel", "deployment_status", "sliver_state", "sliver_state_channel", "node_list",
-    "container_mgr_channel", "parse_pairs", "format_pairs",
+    "container_mgr_channel", "parse_pairs", "format_pairs", "NODE_EXCLUDE", "MAX_COMMAND_VALUE_CHARS",
+    "node_exclude", "parse_node_exclude",
 ]
 
 #: Seconds a status value stays valid: long enough for a re-send every minute to keep it fresh, short
@@ -55,6 +60,13 @@ CONTAINER = "org.dsmt.component.container"
 SLIVER_BOOTSTRAP = "org.dsmt.component.sliver-bootstrap"
 DEPLOYMENT_AGENT = "org.dsmt.component.deployment-agent"
 CONTAINER_MGR = "org.dsmt.component.container-mgr"
+
+#: The field of reference 003's command to the container manager.
+NODE_EXCLUDE = "node-exclude"
+#: Longest ``node-exclude`` value read: ``hostname=`` + a 253-character DNS name + ``,slice=`` + a
+#: 32-character slice name is 301 characters; 512 leaves room for spacing, and a megabyte of hostile
+#: value is refused before it is split.
+MAX_COMMAND_VALUE_CHARS = 512
 
 #: What may appear inside one ``key=value`` part: no separators, no spaces, no control characters.
 _PART = re.compile(r"[A-Za-z0-9._:@+~\-]{1,255}\Z")
@@ -137,3 +149,33 @@ def node_list(slice_name: str, nodes: Mapping[str, str], *, sender: str) -> Even
     for node, status in nodes.items():
         parts.append(f"{_checked('node', node)}/{_one_of('node status', status, NODE_LIST_STATES)}")
     return _event(container_mgr_channel(slice_name), "node-list", ",".join(parts), slice_name, sender)
+
+
+def node_exclude(slice_name: str, host: str, *, sender: str) -> Event:
+    """The ``node-exclude`` command (reference 003): asks ``slice_name``'s container manager to drop ``host``."""
+    value = format_pairs((("hostname", host), ("slice", slice_name)))
+    return _event(container_mgr_channel(slice_name), NODE_EXCLUDE, value, slice_name, sender)
+
+
+_EXCLUDE_KEYS = ("hostname", "slice")
+
+
+def parse_node_exclude(value: str) -> tuple[str, str]:
+    """``(hostname, slice)`` of a ``node-exclude`` value, else raise :class:`StatusValueError`.
+
+    Strict: at most :data:`MAX_COMMAND_VALUE_CHARS`, exactly the pairs ``hostname`` and ``slice`` (an
+    extra pair such as ``hostname=a,b=c`` is refused, not ignored), each value a valid part.
+    """
+    if not isinstance(value, str):
+        raise StatusValueError(f"node-exclude value must be text, not {type(value).__name__}")
+    if len(value) > MAX_COMMAND_VALUE_CHARS:
+        raise StatusValueError(f"node-exclude value is longer than {MAX_COMMAND_VALUE_CHARS} characters")
+    pairs = parse_pairs(value)
+    extra = [key for key in pairs if key not in _EXCLUDE_KEYS]
+    if extra:
+        raise StatusValueError(f"node-exclude value has unexpected key {extra[0][:40]!r}; "
+                               "only hostname and slice are allowed")
+    missing = [key for key in _EXCLUDE_KEYS if key not in pairs]
+    if missing:
+        raise StatusValueError(f"node-exclude value has no {missing[0]}=")
+    return _checked("hostname", pairs["hostname"]), _checked("slice", pairs["slice"])
