@@ -7,7 +7,8 @@
 ``PYTHONPATH=.dev .venv/bin/python`` for the working tree.)
 
 Each file is the WSDL the service's SOAP 1.1 core serves at ``?wsdl``
-(``SoapCore.wsdl(address)``, port address :data:`HTTP_ADDRESS`), plus a second
+(``SoapCore.wsdl(address)``, port address :data:`HTTP_ADDRESS` on the service's
+README port), plus a second
 binding and port for SOAP over PsEPR: the binding the PsEPR core generates
 (``soap:binding transport="http://dsmt.org/ns/soap/transport/psepr"``), named
 ``<name>_psepr``, and a port ``<name>_psepr`` at
@@ -29,8 +30,9 @@ WSDL_NS = "http://schemas.xmlsoap.org/wsdl/"
 SOAP11_BINDING_NS = "http://schemas.xmlsoap.org/wsdl/soap/"
 SOAP12_BINDING_NS = "http://schemas.xmlsoap.org/wsdl/soap12/"
 HERE = os.path.dirname(os.path.abspath(__file__))
-#: The HTTP port's address in committed files: the README's example (``--manage-http tcp:8081``).
-HTTP_ADDRESS = "http://localhost:8081/{path}"
+#: The HTTP port's address in committed files: the README's examples (``--manage-http tcp:8081``,
+#: the agent's ``--http tcp:8090``).
+HTTP_ADDRESS = "http://localhost:{port}/{path}"
 PSEPR_ADDRESS = "psepr:/org/dsmt/ns/soap/{service}/"
 _W = "{%s}" % WSDL_NS
 
@@ -42,9 +44,18 @@ def _manageability(transport_uri: str):
                               transport_uri=transport_uri)
 
 
-#: service name → (HTTP path, function making its SOAP 1.1 core for a transport URI).
-SERVICES: dict[str, tuple[str, Callable]] = {
-    "manageability": ("manage", _manageability),
+def _agent(transport_uri: str):
+    from dsmt.server.agent.service import NAME, TNS, agent_service
+    from dsmt.transports.soap.core import SoapCore
+    # the WSDL does not depend on the agent's state
+    return SoapCore([agent_service(None)], TNS, NAME, transport_uri=transport_uri)
+
+
+#: service name (its PsEPR name too) → (HTTP port, HTTP path, function making its SOAP 1.1 core for a
+#: transport URI).
+SERVICES: dict[str, tuple[int, str, Callable]] = {
+    "manageability": (8081, "manage", _manageability),
+    "agent": (8090, "agent", _agent),
 }
 
 
@@ -67,9 +78,9 @@ def with_psepr_port(http_wsdl: bytes, psepr_wsdl: bytes, service: str) -> etree.
 
 def committed_wsdl(service: str) -> bytes:
     """What ``wsdl/<service>.wsdl`` must hold."""
-    path, make_core = SERVICES[service]
+    port, path, make_core = SERVICES[service]
     from dsmt.transports.soap import HTTP_TRANSPORT, PSEPR_TRANSPORT
-    http_wsdl = make_core(HTTP_TRANSPORT).wsdl(HTTP_ADDRESS.format(path=path))
+    http_wsdl = make_core(HTTP_TRANSPORT).wsdl(HTTP_ADDRESS.format(port=port, path=path))
     psepr_wsdl = make_core(PSEPR_TRANSPORT).wsdl(PSEPR_ADDRESS.format(service=service))
     root = with_psepr_port(http_wsdl, psepr_wsdl, service)
     etree.indent(root, space="  ")

@@ -49,6 +49,7 @@ from __future__ import annotations
 import heapq
 import time
 import uuid
+from urllib.parse import urlsplit
 from dataclasses import dataclass
 from typing import Callable
 
@@ -61,7 +62,8 @@ from dsmt.transports.soap.pki import subject_text
 
 __all__ = [
     "NodeRegistry", "NodeAd", "Agent", "AgentError", "ShortageError", "RegistryError",
-    "DEFAULT_TICKET_VALIDITY", "MAX_TICKET_VALIDITY", "MAX_SLOTS", "MAX_NODES", "SLOTS",
+    "DEFAULT_TICKET_VALIDITY", "MAX_TICKET_VALIDITY", "MAX_SLOTS", "MAX_NODES", "SLOTS", "MAX_ENDPOINT_CHARS",
+    "check_endpoint",
 ]
 
 #: Seconds a ticket may be redeemed in (see the module docstring).
@@ -76,6 +78,9 @@ MAX_SLOTS = 10_000
 MAX_NODES = 100_000
 #: The resource a ticket grants: one sliver's slot.
 SLOTS = "slots"
+#: Longest node manager endpoint URL accepted: ``https://`` + a 253-character host name + port and path
+#: fit in 300; 1024 leaves room and keeps getads' answer for MAX_NODES nodes bounded.
+MAX_ENDPOINT_CHARS = 1024
 
 
 class AgentError(Exception):
@@ -107,25 +112,52 @@ class ShortageError(AgentError):
 
 @dataclass(frozen=True)
 class NodeAd:
-    """One advertised node: its address, its capacity in slots, and how many are free now."""
+    """One advertised node: its address, its capacity in slots, how many are free now, and its node
+    manager's endpoint URL (None when the agent was not told one)."""
 
     node: str
     slots: int
     free: int
+    endpoint: str | None = None
 
 
 @dataclass
 class _Node:
     slots: int
     used: int = 0
+    endpoint: str | None = None
+
+
+def check_endpoint(endpoint: str) -> str:
+    """``endpoint`` if it is a usable node manager URL — ``http``/``https``, a host, at most
+    :data:`MAX_ENDPOINT_CHARS` characters, no whitespace, control characters, user name or fragment —
+    else :class:`RegistryError` naming the problem."""
+    if not isinstance(endpoint, str) or not endpoint:
+        raise RegistryError("the endpoint must be an http:// or https:// URL, not empty")
+    if len(endpoint) > MAX_ENDPOINT_CHARS:
+        raise RegistryError(f"the endpoint is {len(endpoint)} characters, over the limit of {MAX_ENDPOINT_CHARS}")
+    if any(ch.isspace() or ord(ch) < 0x20 or ord(ch) == 0x7f for ch in endpoint):
+        raise RegistryError(f"the endpoint {endpoint[:100]!r} holds whitespace or control characters")
+    try:
+        parts = urlsplit(endpoint)
+        parts.port  # noqa: B018  (raises ValueError for a port out of range or not a number)
+    except ValueError as exc:
+        raise RegistryError(f"the endpoint {endpoint[:100]!r} is not a URL: {exc}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise RegistryError(f"the endpoint {endpoint[:100]!r} is not an http:// or https:// URL with a host")
+    if parts.username is not None or parts.fragment:
+        raise RegistryError(f"the endpoint {endpoint[:100]!r} must not carry a user name or a fragment")
+    return endpoint
 
 
 class NodeRegistry:
     """Nodes and their capacity, and the agent's reservations of slots.
 
-    ``register(node, slots)`` adds a node or changes its capacity (a node
-    manager registering, or the operator's configuration); a capacity below
-    the slots currently reserved leaves the node full, not negative.
+    ``register(node, slots, endpoint=None)`` adds a node or changes its
+    capacity (a node manager registering, or the operator's configuration);
+    a capacity below the slots currently reserved leaves the node full, not
+    negative.  ``endpoint`` (:func:`check_endpoint`) is the node manager's
+    URL advertised with the node; None keeps the one known (if any).
     ``unregister(node)`` stops advertising it (its reservations are dropped
     with it).  Addresses are normalised (:func:`normalize_node_address`), so
     ``Host.Example.`` and ``host.example`` are one node.
@@ -159,19 +191,26 @@ class NodeRegistry:
         except SliceSpecError as exc:
             raise RegistryError(str(exc)) from None
 
-    def register(self, node: str, slots: int) -> str:
-        """Add ``node`` with ``slots`` capacity, or set its capacity; returns the normalised address."""
+    def register(self, node: str, slots: int, endpoint: str | None = None) -> str:
+        """Add ``node`` with ``slots`` capacity (and ``endpoint``), or set them; returns the normalised address."""
         address = self._address(node)
         if type(slots) is not int or not 0 <= slots <= MAX_SLOTS:
             raise RegistryError(f"node {address}: capacity must be a whole number of slots in 0..{MAX_SLOTS}, "
                                 f"not {slots!r}")
+        if endpoint is not None:
+            try:
+                check_endpoint(endpoint)
+            except RegistryError as exc:
+                raise RegistryError(f"node {address}: {exc}") from None
         entry = self._nodes.get(address)
         if entry is None:
             if len(self._nodes) >= self.max_nodes:
                 raise RegistryError(f"cannot register {address}: the agent already knows {self.max_nodes} nodes")
-            self._nodes[address] = _Node(slots)
+            self._nodes[address] = _Node(slots, endpoint=endpoint)
         else:
             entry.slots = slots
+            if endpoint is not None:
+                entry.endpoint = endpoint
         return address
 
     def unregister(self, node: str) -> None:
@@ -235,7 +274,8 @@ class NodeRegistry:
     def ads(self, now: float) -> list[NodeAd]:
         """Every node, most free slots first, ties by address (:func:`node_sort_key`)."""
         self.expire(now)
-        ads = [NodeAd(node, entry.slots, max(0, entry.slots - entry.used)) for node, entry in self._nodes.items()]
+        ads = [NodeAd(node, entry.slots, max(0, entry.slots - entry.used), entry.endpoint)
+               for node, entry in self._nodes.items()]
         ads.sort(key=lambda ad: (-ad.free, node_sort_key(ad.node)))
         return ads
 

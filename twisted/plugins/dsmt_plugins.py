@@ -19,3 +19,10 @@ pldb = ServiceMaker(
     "PLDB: remembers the last value of every field on chosen PsEPR channels and replays it on query",
     "pldb",
 )
+
+dsmt_agent = ServiceMaker(
+    "dsmt agent",
+    "dsmt.server.agent.daemon",
+    "dslice agent: advertises nodes and issues signed tickets over SOAP (HTTP and PsEPR)",
+    "dsmt-agent",
+)

@@ -203,3 +203,26 @@ def test_tickets_are_for_their_node_only():
     assert verify_ticket(first, parties().trust, now=NOW, node="10.0.0.1").node == "10.0.0.1"
     with pytest.raises(Exception, match="wrong-node"):
         verify_ticket(second, parties().trust, now=NOW, node="10.0.0.1")
+
+
+# ------------------------------------------------------------------------------------------ endpoints
+
+def test_endpoints_are_advertised_checked_and_kept_on_capacity_changes():
+    registry = NodeRegistry()
+    registry.register("Node7.Example.", 2, "http://node7.example:8091/nodemanager")
+    registry.register("node7.example", 3)  # capacity only: the endpoint stays
+    assert registry.ads(NOW) == [NodeAd("node7.example", 3, 3, "http://node7.example:8091/nodemanager")]
+    registry.register("node7.example", 3, "https://node7.example/nodemanager")
+    assert registry.ads(NOW)[0].endpoint == "https://node7.example/nodemanager"
+    for endpoint, complaint in [
+        ("ftp://node7.example/", "not an http:// or https:// URL"),
+        ("http:///nodemanager", "not an http:// or https:// URL with a host"),
+        ("http://node7.example:99999/", "is not a URL"),
+        ("http://user@node7.example/", "user name"),
+        ("http://node7.example/ x", "whitespace"),
+        ("http://node7.example/" + "x" * 1100, "over the limit of 1024"),
+        ("", "not empty"),
+    ]:
+        with pytest.raises(RegistryError, match=complaint):
+            registry.register("node7.example", 1, endpoint)
+    assert registry.ads(NOW)[0] == NodeAd("node7.example", 3, 3, "https://node7.example/nodemanager")
