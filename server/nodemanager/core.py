@@ -15,6 +15,9 @@ Decisions:
   plus the verification skew, after which it fails verification anyway.
 * Lease length = min(ticket.leaselen, max_lease_seconds); expires_at = now + that.
 * Slots: the ticket's ``slots`` resource (0 if absent).
+* Owner: :meth:`NodeManager.redeem` records the caller it is given (the
+  certificate subject of a signed request, or None) on a new lease; checking it
+  on later operations is the node service's job (:mod:`.node`).
 """
 from __future__ import annotations
 
@@ -38,10 +41,16 @@ REPLAYED = "replayed"
 
 class AdmissionRefused(Refusal):
     """A redeem was refused: ``code`` (capacity, policy, already-leased, replayed, or a TicketError code)."""
+    #: SOAP fault name (``Client.AdmissionRefused.<code>``, see dsmt.server.faults).
+    fault = "AdmissionRefused"
 
 
-class NoLease(LookupError):
-    """renew/release of a slice that holds no unexpired lease here."""
+class NoLease(Refusal):
+    """renew/release of a slice that holds no unexpired lease here (code ``no-lease``)."""
+    fault = "NoLease"
+
+    def __init__(self, reason: str):
+        super().__init__("no-lease", reason)
 
 
 #: A policy hook returns None to admit, or a reason string to refuse.
@@ -59,15 +68,22 @@ class NodeManager:
         self.capacity_slots, self.max_lease_seconds = capacity_slots, max_lease_seconds
         self._issuers, self._policy = issuers, policy
 
-    def _now(self) -> int:
+    @property
+    def store(self) -> LeaseStore:
+        """The durable store (the node service keeps its sliver records there too)."""
+        return self._store
+
+    def now(self) -> int:
+        """The injected clock, in whole POSIX seconds (the unit of every lease time)."""
         return math.floor(self._clock())
 
-    def redeem(self, ticket_bytes: bytes) -> Lease:
+    def redeem(self, ticket_bytes: bytes, owner: str | None = None) -> Lease:
         """Verify a ticket for this node and grant (or return the existing) lease; raises AdmissionRefused.
 
-        A refusal changes nothing in the store.
+        ``owner`` is recorded on a new lease; the existing lease of the same ticket is returned as it is
+        (whoever owns it).  A refusal changes nothing in the store.
         """
-        now = self._now()
+        now = self.now()
         try:
             ticket = verify_ticket(ticket_bytes, self._trust, now=now, node=self.node_address,
                                    issuers=self._issuers)
@@ -89,36 +105,48 @@ class NodeManager:
             if reason is not None:
                 raise AdmissionRefused(POLICY, reason)
         slots = ticket.resources.get("slots", 0)
-        used = sum(l.slots for l in self._store.all() if now < l.expires_at)
+        used = self._used(now)
         if used + slots > self.capacity_slots:
             raise AdmissionRefused(CAPACITY, f"{slots} slots asked, {used} of {self.capacity_slots} in use")
         length = min(ticket.leaselen, self.max_lease_seconds)
         lease = Lease(uuid.uuid4().hex, ticket.ticket_id, ticket.slice_name, ticket.node, slots, now,
-                      now + length, length, ACTIVE)
+                      now + length, length, ACTIVE, owner)
         self._store.insert(lease, ticket.not_after)
         return lease
 
-    def _held(self, slice_name: str) -> Lease:
+    def lease(self, slice_name: str) -> Lease | None:
+        """The slice's lease, expired or not (an expired one stays until :meth:`reap`)."""
+        return self._store.by_slice(slice_name)
+
+    def held(self, slice_name: str) -> Lease:
+        """The slice's unexpired lease, else raise NoLease."""
         lease = self._store.by_slice(slice_name)
-        if lease is None or self._now() >= lease.expires_at:
-            raise NoLease(f"slice {slice_name} holds no lease on {self.node_address}")
+        if lease is None or self.now() >= lease.expires_at:
+            raise NoLease(f"slice {quoted(slice_name)} holds no lease on {self.node_address}")
         return lease
+
+    def _used(self, now: int) -> int:
+        return sum(lease.slots for lease in self._store.all() if now < lease.expires_at)
+
+    def slots_in_use(self) -> int:
+        """Slots of the unexpired leases (what admission counts against ``capacity_slots``)."""
+        return self._used(self.now())
 
     def renew(self, slice_name: str) -> Lease:
         """New expiry = now + leaselen ("renewing at time t, valid until t + leaselen")."""
-        lease = self._held(slice_name)
-        expires = self._now() + lease.leaselen
+        lease = self.held(slice_name)
+        expires = self.now() + lease.leaselen
         self._store.set_expiry(slice_name, expires)
         return self._store.by_slice(slice_name)
 
     def release(self, slice_name: str) -> Lease:
-        lease = self._held(slice_name)
+        lease = self.held(slice_name)
         self._store.delete([lease.lease_id])
         return lease
 
     def leases(self) -> list[Lease]:
         """Unexpired leases, soonest expiry first."""
-        now = self._now()
+        now = self.now()
         return [l for l in self._store.all() if now < l.expires_at]
 
     def expirations(self) -> dict[str, int]:
@@ -127,9 +155,19 @@ class NodeManager:
 
     def reap(self) -> list[Lease]:
         """Remove leases with expires_at <= now in one transaction; return them (caller deletes slivers)."""
-        now = self._now()
+        now = self.now()
         gone = [l for l in self._store.all() if l.expires_at <= now]
         if gone:
             self._store.delete([l.lease_id for l in gone])
         self._store.forget_redeemed(now - DEFAULT_MAX_SKEW)
         return gone
+
+
+#: Longest slice name quoted in a refusal: a valid one is at most 32 characters; a hostile megabyte is cut.
+_SHOWN_CHARS = 40
+
+
+def quoted(name: str) -> str:
+    """``name`` as quoted in a refusal sentence, cut to :data:`_SHOWN_CHARS`."""
+    text = str(name)
+    return repr(text) if len(text) <= _SHOWN_CHARS else repr(text[:_SHOWN_CHARS]) + "…"
