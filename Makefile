@@ -30,7 +30,7 @@ bench: $(VENV)/.installed
 # without reinstalling.  `make test` always runs the installed copy.
 dev: $(VENV)/.installed
 	mkdir -p .dev/dsmt
-	for d in transports server client; do ln -sfn ../../$$d .dev/dsmt/$$d; done
+	for d in transports server client wsdl; do ln -sfn ../../$$d .dev/dsmt/$$d; done
 
 $(PY):
 	$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "dsmt needs Python 3.11 (spyne 2.14 does not import on 3.12+)"'

@@ -32,9 +32,11 @@ setup(
     version="0.1.0",
     description="Distributed Service Management Toolkit: PsEPR events, SOAP services, slices and deployment",
     python_requires=">=3.11,<3.12",
-    packages=_packages() + ["twisted.plugins"],
-    package_dir={name: folder for folder, name in CODE_FOLDERS.items()} | {"twisted.plugins": "twisted/plugins"},
-    package_data={"twisted.plugins": ["dsmt_plugins.py"]},
+    # dsmt.wsdl: the published contracts, installed so clients load them (dsmt.server.contracts.wsdl_path)
+    packages=_packages() + ["twisted.plugins", "dsmt.wsdl"],
+    package_dir={name: folder for folder, name in CODE_FOLDERS.items()} | {"twisted.plugins": "twisted/plugins",
+                                                                            "dsmt.wsdl": "wsdl"},
+    package_data={"twisted.plugins": ["dsmt_plugins.py"], "dsmt.wsdl": ["*.wsdl", "*.xsd"]},
     install_requires=[
         "Twisted==26.10.0",
         "lxml==6.1.3",
@@ -51,6 +53,7 @@ setup(
         "console_scripts": [
             "psepr = dsmt.client.psepr_cli:main",
             "dsmt-pki = dsmt.client.dsmt_pki:main",
+            "svm = dsmt.client.svm:main",
         ],
     },
 )

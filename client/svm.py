@@ -50,6 +50,8 @@ import os
 import sys
 import time
 
+from twisted.internet import defer
+
 from dsmt.server.refusal import Refusal
 from dsmt.server.slicemanager.calls import CallOptions
 from dsmt.server.slicemanager.core import SliceManager, expiration_line, result_line
@@ -172,7 +174,7 @@ def call_options(args) -> CallOptions:
 
 
 def make_calls(args):
-    """``(AgentCalls, NodeCalls)`` for ``args``: ``dsmt.server.slicemanager.remote.make_calls(CallOptions)``."""
+    """``(AgentCalls, NodeCalls, close)`` for ``args``: ``dsmt.server.slicemanager.remote.make_calls(CallOptions)``."""
     from dsmt.server.slicemanager import remote
     return remote.make_calls(call_options(args))
 
@@ -231,11 +233,14 @@ def main(argv=None, *, make_calls=make_calls, stdout=None, stderr=None, clock=ti
     except SliceDirectoryError as exc:
         return failed(exc.reason)
 
+    close = None
     if command in LOCAL_COMMANDS:
         agent = nodes = _NoCalls()
     else:
         try:
-            agent, nodes = make_calls(args)
+            calls = make_calls(args)  # (agent, nodes) or (agent, nodes, close)
+            agent, nodes = calls[0], calls[1]
+            close = calls[2] if len(calls) > 2 else None
         except ImportError as exc:
             return failed(f"the remote transports cannot be loaded ({exc})")
         except (Refusal, OSError, ValueError) as exc:
@@ -258,7 +263,10 @@ def main(argv=None, *, make_calls=make_calls, stdout=None, stderr=None, clock=ti
         "newleases": lambda: manager.newleases(args.slice, args.files),
         "newvms": lambda: manager.newvms(args.slice, args.files),
     }[command]
-    report = _wait(run())
+    running = run()
+    if close is not None:  # release connections (treq's pool, the PsEPR login) before the reactor stops
+        running.addBoth(lambda result: defer.maybeDeferred(close).addBoth(lambda _: result))
+    report = _wait(running)
 
     if command == "getads":
         for ad in report.values:

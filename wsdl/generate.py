@@ -51,11 +51,19 @@ def _agent(transport_uri: str):
     return SoapCore([agent_service(None)], TNS, NAME, transport_uri=transport_uri)
 
 
+def _nodemanager(transport_uri: str):
+    from dsmt.server.nodemanager.service import SERVICE_NAME, TNS, nodemanager_service
+    from dsmt.transports.soap.core import SoapCore
+    # the WSDL does not depend on the node's state
+    return SoapCore([nodemanager_service(None)], TNS, SERVICE_NAME, transport_uri=transport_uri)
+
+
 #: service name (its PsEPR name too) → (HTTP port, HTTP path, function making its SOAP 1.1 core for a
 #: transport URI).
 SERVICES: dict[str, tuple[int, str, Callable]] = {
     "manageability": (8081, "manage", _manageability),
     "agent": (8090, "agent", _agent),
+    "nodemanager": (8091, "nodemanager", _nodemanager),
 }
 
 

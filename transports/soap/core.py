@@ -118,6 +118,7 @@ from __future__ import annotations
 
 import codecs
 import copy
+import logging
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Protocol, Sequence
@@ -399,6 +400,13 @@ class _Soap12In(_PreParsed, Soap12):
 
 
 _PROTOCOLS = {SOAP11: (_Soap11In, Soap11), SOAP12: (_Soap12In, Soap12)}
+
+
+# spyne keeps a process-wide registry of applications by (tns, name) for its NullServer, which dsmt does
+# not use, and warns "Overwriting application" whenever a second one of the same name is built.  dsmt builds
+# one per transport, SOAP version and hosted instance by design (a node-manager farm: hundreds), so the
+# warning says nothing here; errors from that module still show.
+logging.getLogger("spyne.util.appreg").setLevel(logging.ERROR)
 
 
 class _Application(Application):

@@ -26,3 +26,17 @@ dsmt_agent = ServiceMaker(
     "dslice agent: advertises nodes and issues signed tickets over SOAP (HTTP and PsEPR)",
     "dsmt-agent",
 )
+
+dsmt_nodemanager = ServiceMaker(
+    "dsmt node manager",
+    "dsmt.server.nodemanager.daemon",
+    "dslice node manager: redeems tickets for leases and creates slivers (SOAP over HTTP and PsEPR)",
+    "dsmt-nodemanager",
+)
+
+dsmt_nodefarm = ServiceMaker(
+    "dsmt node manager farm",
+    "dsmt.server.nodemanager.farm",
+    "many dslice node managers in one process, each with its own name, state, endpoint and PsEPR instance",
+    "dsmt-nodefarm",
+)
