@@ -109,13 +109,13 @@ def _passwd(args) -> int:
 
 
 def _password(args) -> str | None:
+    from dsmt.transports.psepr.accounts import read_password
     if args.password_file:
         try:
-            with open(args.password_file, encoding="utf-8") as handle:
-                return handle.readline().rstrip("\r\n")
+            return read_password(args.password_file)
         except OSError as exc:
             raise CliError(f"cannot read password file: {exc.strerror}: {args.password_file}", EXIT_USAGE)
-    return os.environ.get("PSEPR_PASSWORD")
+    return read_password(None)
 
 
 def _run_reactor(args) -> int:

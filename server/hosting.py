@@ -78,6 +78,7 @@ from twisted.python import usage
 from twisted.web.resource import Resource
 
 from dsmt.server.manage.wsdm import ManageableResource
+from dsmt.transports.psepr.accounts import read_password
 from dsmt.transports.soap import HTTP_TRANSPORT, PSEPR_TRANSPORT
 from dsmt.transports.soap.core import SOAP11, SOAP12, SoapCore, SoapLimits, SoapVersion
 
@@ -85,14 +86,6 @@ __all__ = ["HostingOptions", "ServiceHost", "HostedService", "host_service", "ca
            "resource_path"]
 
 log = Logger(namespace="dsmt.hosting")
-
-
-def read_password(path: str | None) -> str | None:
-    """The first line of ``path`` (no line end), or ``$PSEPR_PASSWORD`` when no file is given."""
-    if path is None:
-        return os.environ.get("PSEPR_PASSWORD")
-    with open(path, encoding="utf-8") as handle:
-        return handle.readline().rstrip("\r\n")
 
 
 def caller_subject(ctx) -> str | None:

@@ -27,6 +27,7 @@ from typing import Callable, Collection
 
 from dsmt.server.agent.tickets import DEFAULT_MAX_SKEW, TicketError, Ticket, verify_ticket
 from dsmt.server.refusal import Refusal
+from dsmt.server.utctime import utc_text
 from dsmt.server.slicemanager.spec import normalize_node_address
 from .store import ACTIVE, Lease, LeaseStore
 
@@ -99,7 +100,8 @@ class NodeManager:
             # Expired but not yet reaped also refuses: only reap() removes a lease, so the caller
             # always learns which slivers to delete.  Retry after reap().
             raise AdmissionRefused(ALREADY_LEASED, f"slice {ticket.slice_name} already holds lease "
-                                   f"{held.lease_id} (expires {held.expires_at}); renew it, or reap first")
+                                   f"{held.lease_id} (expires {utc_text(held.expires_at)}); renew it, or "
+                                   "delete it first")
         if self._policy is not None:
             reason = self._policy(ticket)
             if reason is not None:

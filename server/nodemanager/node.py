@@ -70,7 +70,7 @@ from dsmt.server.refusal import Refusal
 from dsmt.server.statusevents import CONTAINER, SLIVER_MGR, deployment_status
 from dsmt.transports.psepr.event import Event
 from .core import AdmissionRefused, NodeManager, NoLease, quoted
-from .sliver import NO_SLIVER, SliverBackend, SliverError
+from .sliver import NO_SLIVER, TOO_MANY_KEYS, SliverBackend, SliverError
 from .sshkeys import SliceKeyPair, SshKeyError, parse_private_key, parse_public_key
 from .store import Lease, SliverRecord
 
@@ -252,7 +252,8 @@ class NodeService:
     @staticmethod
     def _backend_call(operation, *args):
         """``operation(*args)`` with backend errors as this service's refusals (no-sliver → NoSliver, a key
-        error → InvalidKey, any other SliverError or OSError → SliverFailed with the backend's code)."""
+        error or too many keys → InvalidKey — the caller's to fix —, any other SliverError or OSError →
+        SliverFailed with the backend's code)."""
         try:
             return operation(*args)
         except SshKeyError as exc:
@@ -260,6 +261,8 @@ class NodeService:
         except SliverError as exc:
             if exc.code == NO_SLIVER:
                 raise NoSliver(exc.reason) from None
+            if exc.code == TOO_MANY_KEYS:
+                raise InvalidKey(exc.reason) from None
             raise SliverFailed(*_reason(exc)) from None
         except OSError as exc:
             raise SliverFailed(*_reason(exc)) from None

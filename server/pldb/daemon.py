@@ -24,6 +24,7 @@ from dsmt.transports.psepr.client import ConnectionClosed, PsEPRConnection
 from dsmt.transports.psepr.event import ATTRIBUTE_NS, Event, EventError
 from dsmt.transports.psepr.pldbwire import PLDBGET_NS, PldbAttr, parse_query, reply_parts
 from dsmt.server.pldb.store import PldbStore
+from dsmt.transports.psepr.accounts import read_password
 
 log = Logger(namespace="dsmt.pldb")
 
@@ -119,16 +120,9 @@ class Options(usage.Options):
                 validate_channel(channel)
             self["connection"] = PsEPRConnection.from_urls(
                 self["router"], service=self["service"], instance=self["instance"],
-                password=_read_password(self["password-file"]))
+                password=read_password(self["password-file"]))
         except (ChannelError, ValueError, OSError) as exc:
             raise usage.UsageError(str(exc))
-
-
-def _read_password(path: str | None) -> str | None:
-    if path is None:
-        return os.environ.get("PSEPR_PASSWORD")
-    with open(path, encoding="utf-8") as handle:
-        return handle.readline().rstrip("\r\n")
 
 
 def makeService(options) -> service.Service:

@@ -52,6 +52,7 @@ from twisted.internet import defer
 
 from dsmt.server.agent.tickets import MAX_TICKET_BYTES, TicketError, parse_ticket
 from dsmt.server.refusal import Refusal
+from dsmt.server.utctime import utc_text
 from dsmt.server.slicemanager.calls import ERROR, AgentCallError, AgentCalls, LeaseInfo, NodeCallError, NodeCalls, \
     NodeRequest, SliverInfo
 from dsmt.server.slicemanager.slicedir import LEASES, MAX_LEASE_BYTES, TICKETS, VMS, \
@@ -124,8 +125,7 @@ def result_line(node: str, outcome: Any) -> str:
 
 def expiration_line(slice_name: str, node: str, expires_at: int) -> str:
     """``Sliver for slice S expires YYYY-MM-DD HH:MM:SS UTC on NODE`` (the HOWTO's expirations line)."""
-    return f"Sliver for slice {slice_name} expires " \
-           f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(expires_at))} UTC on {node}"
+    return f"Sliver for slice {slice_name} expires {utc_text(expires_at)} on {node}"
 
 
 def _sorted(outcomes: dict) -> dict:

@@ -316,7 +316,7 @@ def make_calls(options: CallOptions):
 def _psepr_calls(options: CallOptions, signer, verifier):
     import os
 
-    from dsmt.server.hosting import read_password
+    from dsmt.transports.psepr.accounts import read_password
     from dsmt.transports.psepr.client import PsEPRConnection
     from dsmt.transports.psepr_soap import PsEPRTransport
     if not options.router:

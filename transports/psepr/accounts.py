@@ -26,6 +26,7 @@ import secrets
 from typing import NamedTuple
 
 __all__ = [
+    "read_password",
     "LOG2_N", "R", "P", "SALT_BYTES", "HASH_BYTES", "MAX_MEMORY_BYTES", "MAX_WORK", "MAX_NAME_CHARS",
     "AccountsError", "hash_password", "verify_password", "passwd_line", "check_name", "Accounts",
 ]
@@ -225,3 +226,12 @@ class Accounts:
             self._remembered[name] = memo
             return True
         return False
+
+
+def read_password(path: str | None) -> str | None:
+    """A client's PsEPR password: the first line of ``path`` (no line end), or ``$PSEPR_PASSWORD`` when no
+    file is given (None when neither).  OSError when the file cannot be read."""
+    if path is None:
+        return os.environ.get("PSEPR_PASSWORD")
+    with open(path, encoding="utf-8") as handle:
+        return handle.readline().rstrip("\r\n")
