@@ -188,6 +188,7 @@ class NodeManagerService(service.Service):
         self.endpoint = endpoint  # a callable giving the endpoint URL once the host listens
         self.reaper = _Reaper(node, clock)
         self.registered = False
+        self.last_attempt: defer.Deferred | None = None  # the latest registration attempt (tests wait on it)
         self._retry = None
 
     def startService(self):
@@ -214,7 +215,8 @@ class NodeManagerService(service.Service):
                      node=self.node.node, agent=self.agent, error=failure.getErrorMessage(), delay=delay)
             if self.running:
                 self._retry = self.clock.callLater(delay, self.register, min(delay * 2, REGISTER_RETRY_MAX))
-        return call.addCallbacks(done, failed)
+        self.last_attempt = call.addCallbacks(done, failed)
+        return self.last_attempt
 
     def stopService(self):
         self.reaper.stop()
