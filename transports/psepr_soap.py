@@ -190,11 +190,13 @@ def decode_payload(payload) -> tuple[bytes, str | None]:
     """(envelope bytes, content type or None) from a received payload; :class:`PayloadError` says what is wrong."""
     if not isinstance(payload, OpaquePayload) or payload.namespace != PAYLOAD_NS:
         raise PayloadError(f"payload type {getattr(payload, 'namespace', None)!r} is not {PAYLOAD_NS}")
-    try:
-        # no depth check needed: below, anything but two leaf elements is refused
-        root = parse_xml(payload.xml, max_bytes=MAX_EVENT_BYTES, max_depth=None, what="payload")
-    except XmlSafetyError as exc:
-        raise PayloadError(str(exc)) from None
+    root = payload.parsed_element()  # received: the event parser's tree, not parsed a second time
+    if root is None:
+        try:
+            # no depth check needed: below, anything but two leaf elements is refused
+            root = parse_xml(payload.xml, max_bytes=MAX_EVENT_BYTES, max_depth=None, what="payload")
+        except XmlSafetyError as exc:
+            raise PayloadError(str(exc)) from None
     envelope = content_type = None
     for child in root:
         if child.tag == _ENVELOPE:

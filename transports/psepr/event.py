@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import copy
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Union
 
 from lxml import etree
@@ -154,6 +154,8 @@ class OpaquePayload:
 
     namespace: str
     xml: bytes
+    #: The received element (see :meth:`parsed_element`); not part of the value.
+    _parsed: object = field(default=None, init=False, repr=False, compare=False, hash=False)
 
     def __post_init__(self):
         if not isinstance(self.xml, bytes):
@@ -174,6 +176,14 @@ class OpaquePayload:
     def element(self):
         """The payload as an lxml element (parsed again, safely)."""
         return parse_xml(self.xml, max_bytes=MAX_EVENT_BYTES, what="payload")
+
+    def parsed_element(self):
+        """The element this payload was read from when it was received (taken: a second call, or a payload
+        built locally, gets None) — so one reader can skip parsing :attr:`xml` again.  It came from the
+        event parser's safe parse (size and depth limits applied)."""
+        element = self._parsed
+        object.__setattr__(self, "_parsed", None)
+        return element
 
 
 Payload = Union[AttributePayload, LeasePayload, OpaquePayload]
@@ -502,6 +512,9 @@ def _opaque_from_element(element) -> OpaquePayload:
     payload = object.__new__(OpaquePayload)  # already parsed and checked: skip __post_init__'s second parse
     object.__setattr__(payload, "namespace", namespace)
     object.__setattr__(payload, "xml", etree.tostring(element, with_tail=False))
+    # The parsed element, detached, for a reader of this payload type (SOAP over PsEPR) that would otherwise
+    # parse ``xml`` again: parsed_element() hands it out once.  Not part of the value (equality, repr).
+    object.__setattr__(payload, "_parsed", element)
     return payload
 
 
