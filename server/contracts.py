@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib.resources
 import re
 
-__all__ = ["wsdl_path", "ContractMissing", "Contract", "binding_name"]
+__all__ = ["wsdl_path", "schema_path", "ContractMissing", "Contract", "binding_name"]
 
 _NAME = re.compile(r"[a-z][a-z0-9-]{0,63}\Z")
 
@@ -21,11 +21,20 @@ class ContractMissing(LookupError):
 
 def wsdl_path(name: str) -> str:
     """The file system path of ``wsdl/<name>.wsdl`` (``name``: ``agent``, ``nodemanager``, …)."""
+    return _contract(name, ".wsdl")
+
+
+def schema_path(name: str) -> str:
+    """The file system path of ``wsdl/<name>.xsd`` (``deployment-descriptor``, ``psepr-event``, …)."""
+    return _contract(name, ".xsd")
+
+
+def _contract(name: str, suffix: str) -> str:
     if not _NAME.match(name):
         raise ValueError(f"{name!r} is not a contract name")
-    resource = importlib.resources.files("dsmt.wsdl") / f"{name}.wsdl"
+    resource = importlib.resources.files("dsmt.wsdl") / f"{name}{suffix}"
     if not resource.is_file():
-        raise ContractMissing(f"wsdl/{name}.wsdl is not installed (reinstall dsmt)")
+        raise ContractMissing(f"wsdl/{name}{suffix} is not installed (reinstall dsmt)")
     return str(resource)
 
 
