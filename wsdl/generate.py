@@ -58,12 +58,20 @@ def _nodemanager(transport_uri: str):
     return SoapCore([nodemanager_service(None)], TNS, SERVICE_NAME, transport_uri=transport_uri)
 
 
+def _slicemanager(transport_uri: str):
+    from dsmt.server.slicemanager.service import NAME, TNS, slicemanager_service
+    from dsmt.transports.soap.core import SoapCore
+    # the WSDL does not depend on the slices
+    return SoapCore([slicemanager_service(None)], TNS, NAME, transport_uri=transport_uri)
+
+
 #: service name (its PsEPR name too) → (HTTP port, HTTP path, function making its SOAP 1.1 core for a
 #: transport URI).
 SERVICES: dict[str, tuple[int, str, Callable]] = {
     "manageability": (8081, "manage", _manageability),
     "agent": (8090, "agent", _agent),
     "nodemanager": (8091, "nodemanager", _nodemanager),
+    "slicemanager": (8092, "slicemanager", _slicemanager),
 }
 
 

@@ -35,6 +35,15 @@ unreachable services): those are in the :class:`Report`.
 * ``nodelist``/``expirations``: read ``vms/`` only, no network.
 * ``clean()``: the HOWTO's clean, at ``clock()``.
 
+Progress (``on_progress(slice, node, step, outcome)``, for whoever follows nodes through their sliver's
+life — the container manager of reference 003): called as each node reaches a step, after its files
+were written, whatever the command.  Steps (:data:`PROGRESS_STEPS`): ``ticket`` (outcome: the Ticket,
+for every node of a newtickets/createslice once all tickets are saved), ``leased`` (Redeem's LeaseInfo
+or NodeCallError), ``creating`` (outcome None: CreateSliver is about to be sent to the node),
+``created`` (CreateSliver's SliverInfo or NodeCallError), ``deleted`` (deleteslice's DeleteSliver:
+SliverInfo — ``terminated`` when already gone — or NodeCallError).  A node without an endpoint gets
+its step's NodeCallError (``no-endpoint``) without a ``creating``.
+
 Endpoints come from ``slices/<s>/nodes``; nodes missing there are looked up
 once per command in the agent's ads, and a node still unknown fails with
 ``no-endpoint``.  Outcomes are processed (files written) as they arrive, then
@@ -60,7 +69,7 @@ from dsmt.server.slicemanager.slicedir import LEASES, MAX_LEASE_BYTES, TICKETS, 
 from dsmt.server.slicemanager.spec import SliceSpecError, node_sort_key, parse_slice_spec
 
 __all__ = ["SliceManager", "Report", "SliceManagerError", "result_line", "expiration_line", "DEFAULT_PARALLELISM",
-           "ALREADY_GONE"]
+           "ALREADY_GONE", "PROGRESS_STEPS", "OnProgress"]
 
 #: Node calls outstanding at once by default: the dslice HOWTO's ``svm -p`` default of 16 threads.
 DEFAULT_PARALLELISM = 16
@@ -68,6 +77,10 @@ DEFAULT_PARALLELISM = 16
 ALREADY_GONE = frozenset({"NoSliver", "NoLease"})
 #: Node code when the slice manager knows no endpoint for a node.
 NO_ENDPOINT = "no-endpoint"
+#: The steps ``on_progress`` reports, in the order a node goes through them (see the module docstring).
+PROGRESS_STEPS = ("ticket", "leased", "creating", "created", "deleted")
+#: ``on_progress(slice, node, step, outcome)``.
+OnProgress = Callable[[str, str, str, Any], None]
 
 
 class SliceManagerError(Refusal):
@@ -148,13 +161,15 @@ class SliceManager:
     ``parallelism``/``timeout``: passed to every :meth:`NodeCalls.run`.
     ``on_result(node, outcome)``: called once per node as its final outcome is
     known (after its files were written).  ``new_keypair(slice)`` and
-    ``parse_key(line)``: the ``sshkeys`` functions by default.
+    ``parse_key(line)``: the ``sshkeys`` functions by default.  ``on_progress(slice, node, step, outcome)``:
+    see the module docstring (exceptions it raises propagate: it must not raise).
     """
 
     def __init__(self, agent: AgentCalls, nodes: NodeCalls, directory: SliceDirectory, *,
                  clock: Callable[[], float] = time.time, parallelism: int = DEFAULT_PARALLELISM,
                  timeout: float | None = None, on_result: Callable[[str, Any], None] | None = None,
-                 new_keypair: Callable[[str], Any] | None = None, parse_key: Callable[[str], Any] | None = None):
+                 new_keypair: Callable[[str], Any] | None = None, parse_key: Callable[[str], Any] | None = None,
+                 on_progress: OnProgress | None = None):
         if type(parallelism) is not int or parallelism < 1:
             raise ValueError(f"parallelism must be a whole number >= 1, not {parallelism!r}")
         if timeout is not None and not timeout > 0:
@@ -162,6 +177,7 @@ class SliceManager:
         self.agent, self.nodes, self.directory = agent, nodes, directory
         self.clock, self.parallelism, self.timeout = clock, parallelism, timeout
         self.on_result = on_result
+        self.on_progress = on_progress
         self.new_keypair = new_keypair or _default_new_keypair
         self.parse_key = parse_key or _default_parse_key
 
@@ -170,6 +186,10 @@ class SliceManager:
     def _emit(self, node: str, outcome: Any) -> None:
         if self.on_result is not None:
             self.on_result(node, outcome)
+
+    def _progress(self, slice_name: str, node: str, step: str | None, outcome: Any) -> None:
+        if self.on_progress is not None and step is not None:
+            self.on_progress(slice_name, node, step, outcome)
 
     def _command(self, command: str, slice_name: str | None, body) -> defer.Deferred:
         """Run coroutine ``body(report)``; user-caused failures become ``report.error``."""
@@ -205,11 +225,14 @@ class SliceManager:
         return found, errors
 
     async def _run(self, operation: str, files: SliceFiles, kwargs_of: dict[str, dict], process,
-                   emit: Callable[[str, Any], None] | None) -> dict[str, Any]:
+                   emit: Callable[[str, Any], None] | None, step: str | None = None,
+                   started: str | None = None) -> dict[str, Any]:
         """Call ``operation`` on every node of ``kwargs_of``; ``process(node, raw)`` turns each raw outcome
-        into the final one (writing files) as it arrives; ``emit`` sees every final outcome."""
+        into the final one (writing files) as it arrives; ``emit`` sees every final outcome, and
+        ``on_progress`` sees it as ``step`` (and, before the calls, ``started`` for each node called)."""
         endpoints, outcomes = await self._endpoints(files, kwargs_of)
         for node, outcome in outcomes.items():
+            self._progress(files.name, node, step, outcome)
             if emit is not None:
                 emit(node, outcome)
 
@@ -223,11 +246,14 @@ class SliceManager:
             except Refusal as exc:
                 outcome = NodeCallError(exc.code, exc.reason)
             outcomes[node] = outcome
+            self._progress(files.name, node, step, outcome)
             if emit is not None:
                 emit(node, outcome)
 
         requests = [NodeRequest(node, endpoints[node], kwargs_of[node])
                     for node in sorted(endpoints, key=node_sort_key)]
+        for request in requests:
+            self._progress(files.name, request.node, started, None)
         if requests:
             results = await self.nodes.run(operation, requests, parallelism=self.parallelism, timeout=self.timeout,
                                            on_result=arrived)
@@ -291,6 +317,8 @@ class SliceManager:
         for node, (data, _) in by_node.items():
             files.put_ticket(node, data)
         report.outcomes = {node: ticket for node, (_, ticket) in by_node.items()}
+        for node in sorted(report.outcomes, key=node_sort_key):
+            self._progress(spec.name, node, "ticket", report.outcomes[node])
         return files
 
     def newtickets(self, spec_bytes: bytes) -> defer.Deferred:
@@ -337,7 +365,7 @@ class SliceManager:
             files.remove(TICKETS, node)
             return lease
         return await self._run("Redeem", files, {node: {"ticket": data} for node, data in tickets.items()},
-                               process, emit)
+                               process, emit, step="leased")
 
     def _keypair(self, files: SliceFiles) -> tuple[bytes, str]:
         found = files.keypair_files()
@@ -363,7 +391,7 @@ class SliceManager:
             return sliver
         kwargs = {node: {"slice": files.name, "leaseId": lease.lease_id, "slicePublicKey": public,
                          "slicePrivateKey": private} for node, lease in leases.items()}
-        return await self._run("CreateSliver", files, kwargs, process, emit)
+        return await self._run("CreateSliver", files, kwargs, process, emit, step="created", started="creating")
 
     def newleases(self, slice_name: str, ticket_files: Sequence[str]) -> defer.Deferred:
         """Step 2 on these ticket files: Redeem, ``tickets/`` -> ``leases/`` per node that answered."""
@@ -411,7 +439,8 @@ class SliceManager:
                     return SliverInfo(slice_name, node, "terminated", None, None, 0)
                 return self._expect(raw, SliverInfo, node, slice_name)
             report.outcomes = await self._run("DeleteSliver", files, {node: {"slice": slice_name}
-                                                                      for node in targets}, process, self._emit)
+                                                                      for node in targets}, process, self._emit,
+                                              step="deleted")
             ticket_ids = {}
             for node in files.nodes(TICKETS):
                 try:

@@ -40,3 +40,10 @@ dsmt_nodefarm = ServiceMaker(
     "many dslice node managers in one process, each with its own name, state, endpoint and PsEPR instance",
     "dsmt-nodefarm",
 )
+
+dsmt_slicemanager = ServiceMaker(
+    "dsmt slice manager",
+    "dsmt.server.slicemanager.daemon",
+    "dslice slice manager: svm's commands over SOAP (HTTP and PsEPR) and the container manager of each slice",
+    "dsmt-slicemanager",
+)
