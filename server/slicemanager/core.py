@@ -25,7 +25,8 @@ unreachable services): those are in the :class:`Report`.
   failing step's error, or success after step 3.
 * ``deleteslice(slice)``: ``DeleteSliver`` on every node with a vm or lease
   (``NoSliver``/``NoLease`` count as success: already gone); each node's
-  files go on success; unredeemed tickets are released at the agent; the
+  files go on success; the tickets of the nodes deleted and the unredeemed
+  ones are released at the agent (their slots are free again); the
   whole slice directory goes when everything succeeded.
 * ``addkey``/``delkey``/``nukekeys``: on every node with a vm; the key is
   checked locally first (``parse_public_key``); ``sshkeys/`` records the keys
@@ -425,10 +426,18 @@ class SliceManager:
     # ------------------------------------------------------------------------------- slice commands
 
     def deleteslice(self, slice_name: str) -> defer.Deferred:
-        """DeleteSliver on every node with a vm or lease; release unredeemed tickets; remove what is done."""
+        """DeleteSliver on every node with a vm or lease; release at the agent the tickets of the nodes deleted
+        and the unredeemed ones (their slots are free again); remove what is done."""
         async def body(report):
             files = self._slice(slice_name)
             targets = set(files.nodes(VMS)) | set(files.nodes(LEASES))
+            leased_tickets = {}      # node -> the ticket its lease came from: its agent reservation ends too
+            for kind in (LEASES, VMS):
+                for node in files.nodes(kind):
+                    try:
+                        leased_tickets[node] = files.lease(kind, node).ticket_id
+                    except SliceDirectoryError:
+                        pass             # unreadable: the agent's reservation lapses at the ticket's term
 
             def process(node, raw):
                 if isinstance(raw, NodeCallError) and raw.code not in ALREADY_GONE:
@@ -447,7 +456,8 @@ class SliceManager:
                     ticket_ids[node] = parse_ticket(files.ticket(node)).ticket_id
                 except (TicketError, SliceDirectoryError):
                     ticket_ids[node] = None      # unreadable: nothing to release, remove it with the rest
-            wanted = sorted(t for t in ticket_ids.values() if t is not None)
+            wanted = sorted({t for t in ticket_ids.values() if t is not None}
+                            | {leased_tickets[node] for node in report.succeeded if node in leased_tickets})
             if wanted:
                 await self.agent.release(wanted)
             for node in ticket_ids:

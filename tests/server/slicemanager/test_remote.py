@@ -140,6 +140,8 @@ class BothTransports(unittest.TestCase):
         assert set(stories["http"]["addkey"].outcomes.values()) == {1}
         for node in self.nodes.values():  # every sliver deleted, every lease released
             assert node.list_slivers() == [] and node.slots_in_use() == 0
+        # ... and every ticket's reservation at the agent: the slots are advertised free again
+        assert {ad.node: ad.free for ad in self.registry.ads(NOW)} == dict.fromkeys(NODES, 4)
 
     @defer.inlineCallbacks
     def test_refusals_carry_the_fault_code_over_both_transports(self):
