@@ -696,17 +696,17 @@ class _Reader:
         return Do(action, name, element.sourceline)
 
 
-def _barriers_of(step: Step) -> list[Barrier]:
+def barriers_of(step: Step) -> list[Barrier]:
     """Barriers that belong to the parallel enclosing ``step``: not those inside nested parallels."""
     if isinstance(step, Barrier):
         return [step]
     if isinstance(step, Sequence):
-        return [barrier for child in step.steps for barrier in _barriers_of(child)]
+        return [barrier for child in step.steps for barrier in barriers_of(child)]
     return []
 
 
 def _check_barriers(root: Step) -> None:
-    outside = _barriers_of(root)
+    outside = barriers_of(root)
     if outside:
         raise DescriptorError("barrier", f"<barrier name={outside[0].name!r}> is not inside a branch of a "
                               "<parallel>; it would synchronise nothing", outside[0].line)
@@ -727,7 +727,7 @@ def _check_barriers(root: Step) -> None:
                 raise DescriptorError("barrier", f"<barrier name={branch.name!r}> is directly a branch of "
                                       "<parallel>; put it in a branch's <sequence>", branch.line)
             names: list[str] = []
-            for barrier in _barriers_of(branch):
+            for barrier in barriers_of(branch):
                 if barrier.name in names:
                     raise DescriptorError("barrier", f"<barrier name={barrier.name!r}> appears twice in one branch; "
                                           "the branch would wait for itself", barrier.line)

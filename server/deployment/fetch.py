@@ -332,7 +332,7 @@ class Fetcher:
             content_range = response.headers.getRawHeaders(b"content-range", [None])[0]
             verdict = download.accept(response.code, content_range, length)
         except FetchError:
-            _abandon(response)
+            abandon_response(response)
             raise
         if verdict is Verdict.RETRY_FULL:
             await _drain(response)
@@ -348,7 +348,7 @@ def _describe(exc) -> str:
     return str(exc) or type(exc).__name__
 
 
-def _abandon(response) -> None:
+def abandon_response(response) -> None:
     """Stop receiving a response's body: the connection is closed (the pool keeps none)."""
     from twisted.internet import protocol
 

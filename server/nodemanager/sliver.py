@@ -135,7 +135,7 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 #: The launcher: sets the limits it is given (``resource:soft:hard`` triples,
 #: comma-separated), closes its report pipe on exec, and execs the command;
 #: on failure it writes the errno to the pipe and exits 127.
-_LAUNCHER = r"""
+LAUNCHER = r"""
 import os, resource, sys
 fd = int(sys.argv[1])
 os.set_inheritable(fd, False)
@@ -275,7 +275,7 @@ def _lexists(dir_fd: int, name: str) -> bool:
     return True
 
 
-def _process_start_time(pid: int) -> str:
+def process_start_time(pid: int) -> str:
     """The start time of ``pid`` (clock ticks since boot, /proc/<pid>/stat field 22); ``"-"`` if unknown."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as handle:
@@ -286,6 +286,18 @@ def _process_start_time(pid: int) -> str:
         return text[text.rindex(b")") + 2:].split()[19].decode("ascii")
     except (ValueError, IndexError):
         return "-"
+
+
+def limit_argument(limits: "ResourceLimits") -> str:
+    """The launcher's limits argument (``which:soft:hard,…``) for ``limits``; a value above this process's hard
+    limit is lowered to it (an unprivileged process cannot raise its hard limit)."""
+    items = []
+    for which, value in limits.rlimits():
+        _, hard = resource.getrlimit(which)
+        if hard != resource.RLIM_INFINITY and value > hard:
+            value = hard
+        items.append(f"{which}:{value}:{value}")
+    return ",".join(items)
 
 
 class DirectorySandbox(SliverBackend):
@@ -628,13 +640,7 @@ class DirectorySandbox(SliverBackend):
     # -- processes --------------------------------------------------------------------------------------
 
     def _limit_argument(self) -> str:
-        items = []
-        for which, value in self.limits.rlimits():
-            _, hard = resource.getrlimit(which)
-            if hard != resource.RLIM_INFINITY and value > hard:
-                value = hard
-            items.append(f"{which}:{value}:{value}")
-        return ",".join(items)
+        return limit_argument(self.limits)
 
     def start(self, slice_name: str, argv: list[str], env: dict | None = None) -> int:
         slice_name = _check_name(slice_name)
@@ -668,7 +674,7 @@ class DirectorySandbox(SliverBackend):
                 os.close(logs)
             environment["HOME"] = home_path = os.path.join(self.root, slice_name, "home")
             read_fd, write_fd = os.pipe()
-            command = [sys.executable, "-I", "-S", "-c", _LAUNCHER, str(write_fd), self._limit_argument(), *argv]
+            command = [sys.executable, "-I", "-S", "-c", LAUNCHER, str(write_fd), self._limit_argument(), *argv]
             process = subprocess.Popen(command, cwd=home_path, env=environment, stdin=subprocess.DEVNULL,
                                        stdout=log_fd, stderr=log_fd, start_new_session=True, pass_fds=(write_fd,))
             os.close(write_fd)
@@ -721,7 +727,7 @@ class DirectorySandbox(SliverBackend):
     def _record_group(self, top_fd: int, slice_name: str, pgid: int) -> None:
         run = self._open_dir(top_fd, "run", f"{slice_name}/run")
         try:
-            self._write_file(run, f"{pgid}.pid", f"{pgid} {_process_start_time(pgid)}\n".encode(), 0o600)
+            self._write_file(run, f"{pgid}.pid", f"{pgid} {process_start_time(pgid)}\n".encode(), 0o600)
         finally:
             os.close(run)
 
@@ -741,7 +747,7 @@ class DirectorySandbox(SliverBackend):
         return groups
 
     @staticmethod
-    def _signal_group(pgid: int, started: str, sig: int) -> bool:
+    def signal_group(pgid: int, started: str, sig: int) -> bool:
         """Signal group ``pgid`` unless its number now belongs to another process; True if signalled.
 
         A living leader with another start time means the number was reused:
@@ -749,7 +755,7 @@ class DirectorySandbox(SliverBackend):
         of its group live (the kernel does not hand out a pid in use as a
         group id), so the group is still the sliver's.
         """
-        now = _process_start_time(pgid)
+        now = process_start_time(pgid)
         if started != "-" and now != "-" and now != started:
             return False
         try:
@@ -772,7 +778,7 @@ class DirectorySandbox(SliverBackend):
             try:
                 signalled = 0
                 for file_name, pgid, started in self._recorded_groups(run):
-                    signalled += self._signal_group(pgid, started, signal.SIGKILL)
+                    signalled += self.signal_group(pgid, started, signal.SIGKILL)
                     os.unlink(file_name, dir_fd=run)
                 return signalled
             finally:
@@ -796,7 +802,7 @@ class DirectorySandbox(SliverBackend):
                 if only is not None and pgid != only:
                     continue
                 try:
-                    signalled += self._signal_group(pgid, started, signal.SIGKILL)
+                    signalled += self.signal_group(pgid, started, signal.SIGKILL)
                 except PermissionError:
                     raise SliverError(BACKEND, f"process group {pgid} of sliver {slice_name!r} cannot be "
                                                "signalled (it belongs to another user)") from None
