@@ -83,9 +83,22 @@ from dsmt.transports.soap import HTTP_TRANSPORT, PSEPR_TRANSPORT
 from dsmt.transports.soap.core import SOAP11, SOAP12, SoapCore, SoapLimits, SoapVersion
 
 __all__ = ["HostingOptions", "ServiceHost", "HostedService", "host_service", "caller_subject", "read_password",
+           "stop_daemon_failed", "CANNOT_SERVE_STATUS",
            "resource_path"]
 
 log = Logger(namespace="dsmt.hosting")
+
+
+#: Exit status of a daemon that stopped because it could not serve (a port it cannot bind): not 0, so
+#: supervisors (systemd, the testbed) see the failure.
+CANNOT_SERVE_STATUS = 1
+
+
+def stop_daemon_failed(reactor, status: int = CANNOT_SERVE_STATUS) -> None:
+    """Stop the reactor (once it runs: at start-up it does not yet) and exit with ``status`` after the
+    reactor's shutdown triggers ran (twistd itself would exit 0)."""
+    reactor.addSystemEventTrigger("after", "shutdown", os._exit, status)
+    reactor.callWhenRunning(reactor.stop)
 
 
 def caller_subject(ctx) -> str | None:

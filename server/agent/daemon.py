@@ -42,7 +42,7 @@ from twisted.python import usage
 from dsmt.server.agent.core import (
     DEFAULT_TICKET_VALIDITY, MAX_NODES, MAX_SLOTS, MAX_TICKET_VALIDITY, Agent, NodeRegistry, RegistryError)
 from dsmt.server.agent.service import HTTP_PATH, NAME, PSEPR_SERVICE, TNS, agent_service
-from dsmt.server.hosting import HostingOptions, ServiceHost, host_service
+from dsmt.server.hosting import stop_daemon_failed, HostingOptions, ServiceHost, host_service
 from dsmt.server.manage.wsdm import ManageableResource, OperationalStatus, resource_id_for
 
 __all__ = ["DEFAULT_DB", "MAX_NODES_FILE_BYTES", "SqliteRegistry", "AgentResource", "read_nodes_file", "Options",
@@ -231,6 +231,6 @@ def makeService(options: Options) -> ServiceHost:
     host.agent, host.registry, host.manage = agent, registry, resource
 
     def cannot_listen(failure):
-        host.reactor.callWhenRunning(host.reactor.stop)  # logged by the host; a daemon that cannot serve stops
+        stop_daemon_failed(host.reactor)  # logged by the host; a daemon that cannot serve exits 1
     host.when_listening().addErrback(cannot_listen)
     return host

@@ -49,7 +49,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python import usage
 
-from dsmt.server.hosting import HostingOptions, ServiceHost
+from dsmt.server.hosting import stop_daemon_failed, HostingOptions, ServiceHost
 from dsmt.server.manage.wsdm import ManageableResource, OperationalStatus, resource_id_for
 
 __all__ = ["NodeManagerOptions", "FarmOptions", "NodeManagerResource", "NodeManagerService", "build_node",
@@ -370,9 +370,7 @@ def _after_listening(options, host: ServiceHost, paths: list[str]) -> None:
 
     def failed(failure):
         log.error("node managers not started: {error}", error=failure.getErrorMessage())
-        from twisted.internet import reactor
-        if reactor.running:
-            reactor.stop()
+        stop_daemon_failed(host.reactor)  # logged by the host; a daemon that cannot serve exits 1
     host.when_listening().addCallbacks(listening, failed)
 
 

@@ -77,7 +77,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from dsmt.server.agent.tickets import TicketError, parse_ticket
-from dsmt.server.hosting import HostingOptions, ServiceHost, host_service, read_password
+from dsmt.server.hosting import stop_daemon_failed, HostingOptions, ServiceHost, host_service, read_password
 from dsmt.server.manage.wsdm import ManageableResource, OperationalStatus, resource_id_for
 from dsmt.server.refusal import Refusal
 from dsmt.server.slicemanager.calls import TIMEOUT, AgentCallError, CallOptions, NodeCallError, NodeRequest, \
@@ -494,6 +494,6 @@ def makeService(options: Options, reactor=None, make_calls=None) -> ServiceHost:
     host.manager, host.containers, host.manage, host.owners = manager, containers, resource, owners
 
     def cannot_listen(failure):
-        host.reactor.callWhenRunning(host.reactor.stop)  # logged by the host; a daemon that cannot serve stops
+        stop_daemon_failed(host.reactor)  # logged by the host; a daemon that cannot serve exits 1
     host.when_listening().addErrback(cannot_listen)
     return host

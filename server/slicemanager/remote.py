@@ -86,6 +86,8 @@ def _failure(exc: BaseException, where: str, error_class):
 
 
 def _reason(exc: BaseException) -> str:
+    if isinstance(exc, net_error.ConnectError) and exc.args and exc.args[0]:
+        return str(exc.args[0]).strip()  # the system's sentence ("Connection refused"); osError is its number
     text = getattr(exc, "osError", None) or getattr(exc, "message", None) or str(exc)
     return str(text).strip() or type(exc).__name__
 
