@@ -5,7 +5,6 @@ Benchmarks run as scripts (``python bench/NAME.py``), so this folder is on
 """
 from __future__ import annotations
 
-import os
 import time
 
 from dsmt.transports.psepr.stream import wrap_message
@@ -44,10 +43,8 @@ def best_of(runs: int, function, *args) -> float:
 
 def child_env(**extra: str) -> dict[str, str]:
     """This environment plus ``extra``, with PYTHONPATH made absolute (children may run elsewhere)."""
-    env = dict(os.environ, **extra)
-    if env.get("PYTHONPATH"):
-        env["PYTHONPATH"] = os.pathsep.join(os.path.abspath(p) for p in env["PYTHONPATH"].split(os.pathsep) if p)
-    return env
+    from dsmt.client.testbed import child_environment
+    return child_environment(**extra)
 
 
 def percentile(values, share: float) -> float:

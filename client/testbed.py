@@ -80,7 +80,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-__all__ = ["Testbed", "TestbedError", "Daemon", "Farm", "Listener", "child_environment", "free_port", "main",
+__all__ = ["Testbed", "TestbedError", "Daemon", "Farm", "Listener", "child_environment", "free_port", "stop_process", "main",
            "STARTUP_TIMEOUT", "STOP_TIMEOUT", "PORT_ATTEMPTS", "COMMAND_TIMEOUT", "LOG_TAIL_CHARS", "USER"]
 
 #: Seconds a daemon may take to become ready.  One starts in about a second on an idle 2-core machine;
@@ -124,6 +124,18 @@ def child_environment(**extra: str) -> dict[str, str]:
         env["PYTHONPATH"] = os.pathsep.join(os.path.abspath(p) for p in env["PYTHONPATH"].split(os.pathsep) if p)
     env.update(extra)
     return env
+
+
+def stop_process(process: subprocess.Popen, timeout: float = STOP_TIMEOUT) -> int:
+    """SIGTERM, then SIGKILL after ``timeout`` seconds; the exit status."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return process.returncode
 
 
 def free_port() -> int:
@@ -234,14 +246,7 @@ class Daemon:
         """SIGTERM, then SIGKILL after ``timeout`` seconds; the exit status (None if never started)."""
         if self.process is None:
             return None
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
+        return stop_process(self.process, timeout)
 
     def wait_ready(self, ready: Callable[[], object], timeout: float, what: str):
         """``ready()``'s value once true; TestbedError if the daemon dies or ``timeout`` passes first."""

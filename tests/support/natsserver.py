@@ -32,6 +32,8 @@ from typing import Sequence
 
 import pytest
 
+from dsmt.client.testbed import stop_process
+
 #: Where Debian (``/usr/sbin``) and hand installs put nats-server outside ``PATH``.
 FALLBACK_DIRS = ("/usr/sbin", "/usr/local/sbin")
 
@@ -139,13 +141,7 @@ class NatsServer:
 
     def stop(self, timeout: float = 5.0) -> None:
         """Terminate the server, kill it if it is still alive after *timeout*, remove its directory."""
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, timeout)
         self._directory.cleanup()
 
     def __enter__(self) -> NatsServer:
