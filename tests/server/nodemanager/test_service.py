@@ -2,15 +2,12 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
 import treq
 from twisted.internet import defer, reactor
 from twisted.trial import unittest
 from twisted.web.client import HTTPConnectionPool
-from zeep.exceptions import Fault
 
 from dsmt.server.agent.tickets import Ticket, sign_ticket
 from dsmt.server.hosting import ServiceHost
@@ -22,10 +19,10 @@ from dsmt.transports.soap import HTTP_TRANSPORT
 from dsmt.transports.soap.core import SOAP11
 from dsmt.transports.soap.zeepsupport import bind, make_client
 from tests.server.agent.support import NOW, parties
+from tests.support.contracts import ZeepCalls, assert_served_wsdl_is_committed, wsdl_file, zeep_dump
 from tests.transports.soap.service import FaultView
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-WSDL_FILE = os.path.join(ROOT, "wsdl", "nodemanager.wsdl")
+WSDL_FILE = wsdl_file("nodemanager")
 NODE = "n1.test"
 USER_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKBWt+ZtAgTWkyBeFz00RGsP3g0Msw9xyhj3PHUpXqkO user@test"
 
@@ -48,7 +45,7 @@ def post(url: str, body: bytes):
                      pool=HTTPConnectionPool(reactor, persistent=False)).addCallback(treq.content)
 
 
-class OverHttp(unittest.TestCase):
+class OverHttp(ZeepCalls, unittest.TestCase):
 
     @defer.inlineCallbacks
     def setUp(self):
@@ -69,17 +66,6 @@ class OverHttp(unittest.TestCase):
     def tearDown(self):
         yield defer.ensureDeferred(self.transport.aclose())
         yield self.host.stopService()
-
-    def call(self, operation, **kwargs):
-        return defer.ensureDeferred(getattr(self.service, operation)(**kwargs))
-
-    @defer.inlineCallbacks
-    def fault(self, operation, **kwargs) -> Fault:
-        try:
-            yield self.call(operation, **kwargs)
-        except Fault as fault:
-            return fault
-        raise AssertionError(f"{operation} did not fail")
 
     @defer.inlineCallbacks
     def test_a_whole_sliver_life_through_zeep(self):
@@ -138,22 +124,14 @@ class OverHttp(unittest.TestCase):
         fault = FaultView((yield post(self.url, huge)))
         assert fault.code == "Client.EnvelopeTooLarge", fault
 
-    @defer.inlineCallbacks
     def test_served_wsdl_is_the_committed_one(self):
-        from dsmt.wsdl import generate
-        served = yield treq.get(self.url + "?wsdl", pool=HTTPConnectionPool(reactor, persistent=False)
-                                ).addCallback(treq.content)
-        with open(WSDL_FILE, "rb") as handle:
-            committed = handle.read()
-        assert generate.normalise(served) == generate.normalise(committed, drop_psepr=True)
-        assert committed == generate.committed_wsdl("nodemanager"), "run: python wsdl/generate.py"
+        return assert_served_wsdl_is_committed(self.url, "nodemanager")
 
 
 @pytest.mark.timeout(60)
 def test_python_m_zeep_loads_the_committed_wsdl():
-    result = subprocess.run([sys.executable, "-m", "zeep", WSDL_FILE], capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
+    dump = zeep_dump("nodemanager")
     for line in ("Redeem(ticket: xsd:base64Binary) -> RedeemResult: ns0:LeaseInfo",
                  "CreateSliver(slice: xsd:string, leaseId: xsd:string, slicePublicKey: xsd:string, "
                  "slicePrivateKey: xsd:base64Binary) -> CreateSliverResult: ns0:SliverInfo"):
-        assert line in result.stdout, result.stdout
+        assert line in dump, dump

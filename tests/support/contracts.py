@@ -1,0 +1,59 @@
+"""What the SOAP service tests share: the committed WSDL checks and zeep calls that return their fault."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import treq
+from twisted.internet import defer, reactor
+from twisted.web.client import HTTPConnectionPool
+from zeep.exceptions import Fault
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def wsdl_file(name: str) -> str:
+    """The committed ``wsdl/<name>.wsdl`` of the working tree."""
+    return os.path.join(ROOT, "wsdl", f"{name}.wsdl")
+
+
+def generator():
+    """``wsdl/generate.py`` of the working tree (normalise, committed_wsdl)."""
+    from dsmt.wsdl import generate
+    return generate
+
+
+@defer.inlineCallbacks
+def assert_served_wsdl_is_committed(url: str, name: str):
+    """The WSDL served at ``url?wsdl`` equals ``wsdl/<name>.wsdl`` apart from the address and the PsEPR port,
+    and the committed file is what ``wsdl/generate.py`` writes now."""
+    generate = generator()
+    served = yield treq.get(url + "?wsdl", pool=HTTPConnectionPool(reactor, persistent=False)).addCallback(treq.content)
+    with open(wsdl_file(name), "rb") as handle:
+        committed = handle.read()
+    assert generate.normalise(served) == generate.normalise(committed, drop_psepr=True)
+    assert committed == generate.committed_wsdl(name), "run: python wsdl/generate.py"
+
+
+def zeep_dump(name: str) -> str:
+    """What ``python -m zeep wsdl/<name>.wsdl`` prints (it must load the committed file)."""
+    result = subprocess.run([sys.executable, "-m", "zeep", wsdl_file(name)], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+class ZeepCalls:
+    """Mixin for trial cases with ``self.service`` (an async zeep proxy): ``call`` and ``fault``."""
+
+    def call(self, operation, **kwargs):
+        return defer.ensureDeferred(getattr(self.service, operation)(**kwargs))
+
+    @defer.inlineCallbacks
+    def fault(self, operation, **kwargs) -> Fault:
+        try:
+            yield self.call(operation, **kwargs)
+        except Fault as fault:
+            return fault
+        raise AssertionError(f"{operation} did not fail")
