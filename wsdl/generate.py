@@ -65,6 +65,13 @@ def _slicemanager(transport_uri: str):
     return SoapCore([slicemanager_service(None)], TNS, NAME, transport_uri=transport_uri)
 
 
+def _deployment(transport_uri: str):
+    from dsmt.server.deployment.service import NAME, TNS, deployment_service
+    from dsmt.transports.soap.core import SoapCore
+    # the WSDL does not depend on the engine's state
+    return SoapCore([deployment_service(None)], TNS, NAME, transport_uri=transport_uri)
+
+
 #: service name (its PsEPR name too) → (HTTP port, HTTP path, function making its SOAP 1.1 core for a
 #: transport URI).
 SERVICES: dict[str, tuple[int, str, Callable]] = {
@@ -72,6 +79,7 @@ SERVICES: dict[str, tuple[int, str, Callable]] = {
     "agent": (8090, "agent", _agent),
     "nodemanager": (8091, "nodemanager", _nodemanager),
     "slicemanager": (8092, "slicemanager", _slicemanager),
+    "deployment": (8093, "deployment", _deployment),
 }
 
 

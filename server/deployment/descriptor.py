@@ -452,7 +452,7 @@ class _Reader:
         self._check_config_paths(components, component_elements)
         steps_element = _child(root, "steps")
         steps = self._step(next(steps_element.iterchildren()), components)
-        _check_barriers(steps)
+        check_barriers(steps)
         return Descriptor(application, parameters, tuple(components.values()), steps)
 
     # -- parameters and templates ------------------------------------------------------------------
@@ -705,7 +705,7 @@ def barriers_of(step: Step) -> list[Barrier]:
     return []
 
 
-def _check_barriers(root: Step) -> None:
+def check_barriers(root: Step) -> None:
     outside = barriers_of(root)
     if outside:
         raise DescriptorError("barrier", f"<barrier name={outside[0].name!r}> is not inside a branch of a "

@@ -22,6 +22,14 @@ keeps every component's lifecycle, supervises the processes, and publishes the a
 * **Monitor.**  A supervised process that exits makes its component ``failed`` with the exit and
   the restart plan in the reason; the supervisor restarts it after the backoff, and once healthy
   again it is ``running`` (both published).  After ``max_restarts`` it stays ``failed``.
+* **Health monitor.**  A ``running`` component with a ``<health>`` check is checked again every
+  ``interval`` seconds of ``clock`` — one timer per component, armed when it becomes ``running``
+  and re-armed after each healthy verdict, cancelled when it leaves ``running`` (no other polling).
+  A round is the health check's steady rule (``retries`` consecutive failed probes, ``interval``
+  apart, make it unhealthy).  Unhealthy: the component becomes ``failed`` ("health check: …",
+  published) and its process group is killed (``SIGKILL``: a process that fails its checks may be
+  hung and deaf to its stop signal), so the supervisor restarts it under the restart policy like
+  any crash — ``running`` again once healthy, ``failed`` for good after ``max_restarts``.
 * **Re-sending.**  Status events expire (``statusevents.STATUS_EXPIRE``); the current status is
   re-sent :data:`RESEND_SECONDS` after the last event, then every :data:`RESEND_SECONDS`, so late
   listeners and PLDB see it.  One timer on ``clock``, rescheduled at each event (no loop);
@@ -37,6 +45,7 @@ exceptions are logged, never raised into the engine (the state is in the store e
 """
 from __future__ import annotations
 
+import signal
 from dataclasses import dataclass
 
 from twisted.internet import defer
@@ -46,12 +55,13 @@ from dsmt.server.deployment.components import PREPARATION, Context, Registry
 from dsmt.server.deployment.descriptor import (
     Barrier, Do, Parallel, Sequence, barriers_of, parse_descriptor, resolve_parameters,
 )
-from dsmt.server.deployment.health import HealthError
+from dsmt.server.deployment.health import HealthChecker, HealthError
 from dsmt.server.deployment.lifecycle import (
     FAILED, INITIALIZED, INSTALLED, INSTANTIATED, REQUESTED, RUNNING, TERMINATED, ApplicationStatus,
     ComponentLifecycle, Milestone,
 )
 from dsmt.server.deployment.supervisor import ProcessError
+from dsmt.server.nodemanager.sliver import DirectorySandbox
 from dsmt.server.refusal import Refusal
 from dsmt.server.slicemanager.spec import check_slice_name
 
@@ -82,7 +92,7 @@ class Report:
     failures: tuple[StepFailure, ...] = ()
 
 
-class _Gate:
+class Gate:
     """A barrier of one parallel: ``arrive()`` fires True when all ``count`` branches arrived, False
     once broken (a holder failed)."""
 
@@ -132,6 +142,8 @@ class Engine:
         self._resend = None
         self._busy = False
         self._failures: list[StepFailure] = []
+        self._monitors: dict = {}                 # component → its pending health timer or round
+        self._unhealthy: dict[str, str] = {}      # component → why the monitor killed its process
 
     # -- queries ----------------------------------------------------------------------------------------
 
@@ -157,10 +169,65 @@ class Engine:
         for transition in transitions:
             self.store.record(name, state=transition.after, reason=transition.reason,
                               milestones=lifecycle.milestones)
+            if transition.after == RUNNING:
+                self._watch(name)
+            elif transition.before == RUNNING:
+                self._unwatch(name)
             event = self.application.update(self.lifecycles.values(), transition)
             if event is not None:
                 self.store.set_application_state(self.application.state)
                 self._send(event)
+
+    # -- the health monitor -------------------------------------------------------------------------------
+
+    def _watch(self, name: str) -> None:
+        """Arm ``name``'s health timer (module docstring), unless it has no check or one is armed."""
+        health = self.descriptor.component(name).health
+        if health is None or name in self._monitors:
+            return
+        self._monitors[name] = self.clock.callLater(health.interval, self._check_health, name)
+
+    def _unwatch(self, name: str) -> None:
+        pending = self._monitors.pop(name, None)
+        if pending is None:
+            return
+        if isinstance(pending, defer.Deferred):
+            pending.cancel()
+        elif pending.active():
+            pending.cancel()
+
+    def _unwatch_all(self) -> None:
+        for name in list(self._monitors):
+            self._unwatch(name)
+
+    def _check_health(self, name: str) -> None:
+        self._monitors.pop(name, None)
+        if self.lifecycles.get(name) is None or self.lifecycles[name].state != RUNNING:
+            return
+        component = self.descriptor.component(name)
+        checker = HealthChecker(self.reactor, component.health, self.context.values, clock=self.clock,
+                                run_command=lambda command, timeout: self.context.run_command(name, command, timeout))
+        round_ = self._monitors[name] = checker.wait_healthy(startup=False)
+        round_.addCallbacks(self._still_healthy, self._now_unhealthy, callbackArgs=(name, round_),
+                            errbackArgs=(name, round_))
+
+    def _still_healthy(self, _, name: str, round_) -> None:
+        if self._monitors.get(name) is round_:
+            del self._monitors[name]
+            self._watch(name)
+
+    def _now_unhealthy(self, failure, name: str, round_) -> None:
+        if self._monitors.get(name) is not round_:
+            return                      # cancelled: the component left running meanwhile
+        del self._monitors[name]
+        reason = failure.value.reason if failure.check(HealthError) else failure.getErrorMessage()
+        pid, started = self.supervisor.pid(name), self.supervisor.started(name)
+        if pid is not None:
+            self._unhealthy[name] = reason
+        self._apply(name, self.lifecycles[name].fail(f"health check: {reason}"))
+        if pid is not None and not DirectorySandbox.signal_group(pid, started or "-", signal.SIGKILL):
+            self._unhealthy.pop(name, None)
+            _log.warn("{component} is unhealthy but its process {pid} could not be killed", component=name, pid=pid)
 
     def _send(self, event) -> None:
         try:
@@ -188,6 +255,7 @@ class Engine:
         if self._resend is not None and self._resend.active():
             self._resend.cancel()
         self._resend = None
+        self._unwatch_all()
         for entry in self.supervisor.procs.values():
             if entry.timer is not None and entry.timer.active():
                 entry.timer.cancel()
@@ -202,6 +270,8 @@ class Engine:
         return defer.ensureDeferred(self._deploy(descriptor_bytes, dict(parameters or {})))
 
     def _load(self, descriptor, values, records=None) -> None:
+        self._unwatch_all()
+        self._unhealthy.clear()
         self.descriptor = descriptor
         self.context.values.clear()
         self.context.values.update(values)
@@ -258,7 +328,7 @@ class Engine:
         for branch in step.branches:
             for barrier in barriers_of(branch):
                 holders[barrier.name] = holders.get(barrier.name, 0) + 1
-        inner = {name: _Gate(count) for name, count in holders.items()}
+        inner = {name: Gate(count) for name, count in holders.items()}
 
         async def branch_run(branch) -> bool:
             ok = await self._step(branch, inner)
@@ -339,6 +409,9 @@ class Engine:
         if lifecycle is None:
             return
         policy = self.descriptor.component(name).restart
+        unhealthy = self._unhealthy.pop(name, None)
+        if unhealthy is not None:
+            reason = f"failed its health check ({unhealthy}) and was killed"
         if delay is None:
             text = f"the process {reason}; gave up after {restarts} restart(s) (maxRestarts={policy.max_restarts})"
         else:
@@ -397,6 +470,7 @@ class Engine:
                     stop_launch = self.context.launch(name, component.stop.command)
                 if self.supervisor.adopt(launch, component.restart, component.stop, record.pid, record.pid_started,
                                          record.restarts, stop_launch=stop_launch):
+                    self._watch(name)
                     continue
                 self.store.record(name, pid=None, pid_started=None)
                 self._apply(name, self.lifecycles[name].fail("the process was lost while the engine was down"))

@@ -47,3 +47,11 @@ dsmt_slicemanager = ServiceMaker(
     "dslice slice manager: svm's commands over SOAP (HTTP and PsEPR) and the container manager of each slice",
     "dsmt-slicemanager",
 )
+
+dsmt_engine = ServiceMaker(
+    "dsmt deployment engine",
+    "dsmt.server.deployment.daemon",
+    "a sliver's deployment engine: deploys, runs and monitors an application, reports reference 000's status "
+    "events and obeys APPCONFIG and the other commands (SOAP over HTTP and PsEPR)",
+    "dsmt-engine",
+)
