@@ -128,10 +128,11 @@ class _Reaper:
 
 
 class _Poking:
-    """The node service as the SOAP face sees it: every call re-arms the reaper after it ran."""
+    """The node service as the SOAP face sees it: every call re-arms the reaper after it ran, and a sliver
+    CreateSliver made ``running`` gets its deployment engine (``bootstrap``), once the reply has left."""
 
-    def __init__(self, node, reaper: _Reaper):
-        self._node, self._reaper = node, reaper
+    def __init__(self, node, reaper: _Reaper, bootstrap=None, clock=None):
+        self._node, self._reaper, self._bootstrap, self._clock = node, reaper, bootstrap, clock
 
     def __getattr__(self, name):
         attribute = getattr(self._node, name)
@@ -140,9 +141,12 @@ class _Poking:
 
         def call(*args):
             try:
-                return attribute(*args)
+                result = attribute(*args)
             finally:
                 self._reaper.poke()
+            if name == "create_sliver" and self._bootstrap is not None and result.state == "running":
+                self._clock.callLater(0, self._bootstrap.start, result.slice)
+            return result
         return call
 
 
@@ -238,7 +242,13 @@ class _NodeOptions(HostingOptions):
                                "service certificate of --ticket-ca"],
         ["max-lease", None, None, "longest lease granted, seconds (default 14 days)", int],
         ["agent", None, None, "agent URL to register with (http://agent:8090/agent); default: none"],
+        ["engine-router", None, None, "the PsEPR router the slivers' deployment engines use (default: --router)"],
+        ["engine-password-file", None, None, "password of the <slice>_mgr accounts the engines log in with "
+                                             "(default: --password-file's)"],
+        ["engine-ca", None, None, "CA the engines check callers' signatures with (default: none: they accept "
+                                  "unsigned requests)"],
     ]
+    optFlags = [["engine", None, "start the deployment engine (twistd dsmt-engine) in every new sliver"]]
 
     def postOptions(self):
         super().postOptions()
@@ -252,6 +262,18 @@ class _NodeOptions(HostingOptions):
             self["ticket-trust"] = TrustStore.from_files(ticket_ca)
         except (PkiError, ValueError, OSError) as exc:
             raise usage.UsageError(str(exc))
+        self["engine-args"] = []
+        self["engine-router"] = self["engine-router"] or self["router"]
+        if self["engine"]:
+            from dsmt.transports.psepr.accounts import read_password
+            if not self["engine-router"]:
+                raise usage.UsageError("--engine: the engines report over PsEPR; give --router or --engine-router")
+            try:
+                self["engine-password"] = read_password(self["engine-password-file"] or self["password-file"])
+            except OSError as exc:
+                raise usage.UsageError(f"--engine-password-file: {exc}")
+        else:
+            self["engine-password"] = None
 
 
 class NodeManagerOptions(_NodeOptions):
@@ -311,7 +333,9 @@ def _host_nodes(options, names: list[str], state_dirs: list[str], paths: list[st
         runner = NodeManagerService(node, None, clock=reactor, agent=options["agent"], capacity=options["capacity"],
                                     signer=_signer(options))
         resource = NodeManagerResource(node, state_dir, running=lambda runner=runner: runner.running)
-        hosted = host.add([nodemanager_service(_Poking(node, runner.reaper))], TNS, SERVICE_NAME, path=path,
+        bootstrap = _bootstrap(options, node, connection)
+        hosted = host.add([nodemanager_service(_Poking(node, runner.reaper, bootstrap, reactor))], TNS, SERVICE_NAME,
+                          path=path,
                           public_url=_public_url(options, path), policy=options.new_policy(),
                           connection=connection, resource=resource,
                           manage_http=options["manage-http"] if len(names) == 1 else None,
@@ -321,6 +345,16 @@ def _host_nodes(options, names: list[str], state_dirs: list[str], paths: list[st
         top_nodes.append(runner)
     host.node_runners = top_nodes
     return host
+
+
+def _bootstrap(options, node, connection):
+    """The sliver bootstrap when ``--engine`` asks for it (``dsmt.server.nodemanager.bootstrap``)."""
+    if not options["engine"]:
+        return None
+    from dsmt.server.nodemanager.bootstrap import EngineBootstrap, EngineSettings
+    settings = EngineSettings(router=options["engine-router"], password=options["engine-password"],
+                              ca=options["engine-ca"], extra=options["engine-args"])
+    return EngineBootstrap(node.backend, node.node, settings, _publisher(connection, node.node))
 
 
 def _signer(options):

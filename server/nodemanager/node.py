@@ -183,6 +183,11 @@ class NodeService:
         self._store = manager.store
         self.node = manager.node_address
 
+    @property
+    def backend(self) -> SliverBackend:
+        """The sliver backend (the daemon's sliver bootstrap starts processes in it)."""
+        return self._backend
+
     # -- helpers --------------------------------------------------------------------------------------
 
     def _announce(self, slice_name: str, state: str) -> None:

@@ -1,0 +1,105 @@
+"""The sliver bootstrap: a node manager starts the deployment engine inside each new sliver.
+
+Reference 000's client layers: the container (sliver) is made by the sliver
+manager, then the *sliver bootstrap* installs and starts the deployment agent
+(our deployment engine, ``twistd dsmt-engine``) inside it, then the engine
+installs the application.  A node manager started with ``--engine`` does the
+middle layer: once CreateSliver made a sliver ``running``, it writes the
+engine's files into the sliver and starts the engine as a sliver process
+(its own session, the sliver's limits, output in the sliver's
+``logs/twistd.log``).  The engine itself reports its installation as
+``org.dsmt.component.sliver-bootstrap`` events (managed
+``org.dsmt.component.deployment-agent``: requested → … → running), because
+only it knows when it is up — logged in to PsEPR and listening for commands.
+
+Files, in the sliver's home (``~/.dsmt/``, mode 700): ``psepr.pw`` (the
+``<slice>_mgr`` account's password, mode 600), ``engine.sqlite`` (the
+engine's state) and ``descriptors/``.  Their presence also marks a sliver as
+bootstrapped: CreateSliver repeated on a running sliver does not start a second
+engine.  Deleting the sliver kills the engine with every other sliver process.
+
+Contract of :class:`EngineBootstrap`: ``start(slice_name)`` never raises; a
+failure to write or to start is logged and published as the bootstrap's
+``failed`` (the engine could not report it itself).
+"""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+from twisted.logger import Logger
+
+from dsmt.server.statusevents import DEPLOYMENT_AGENT, SLIVER_BOOTSTRAP, deployment_status
+
+__all__ = ["EngineSettings", "EngineBootstrap", "ENGINE_DIR"]
+
+log = Logger(namespace="dsmt.nodemanager.bootstrap")
+
+#: The engine's directory in a sliver's home.
+ENGINE_DIR = ".dsmt"
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """How engines are started: ``router`` (PsEPR URLs), ``password`` (of the ``<slice>_mgr`` accounts),
+    ``ca`` (PEM path: engines check callers' signatures; None: they accept unsigned requests),
+    ``extra`` (more ``dsmt-engine`` arguments, e.g. ``--package-root``)."""
+
+    router: str
+    password: str | None = None
+    ca: str | None = None
+    extra: Sequence[str] = ()
+
+
+def _twistd() -> str:
+    """The ``twistd`` next to the running Python (the same installation, so it sees dsmt's plugins)."""
+    return str(Path(sys.executable).parent / "twistd")
+
+
+class EngineBootstrap:
+    """Starts ``twistd dsmt-engine`` in new slivers of ``backend`` for node ``node``."""
+
+    def __init__(self, backend, node: str, settings: EngineSettings, publish: Callable):
+        self.backend, self.node, self.settings, self.publish = backend, node, settings, publish
+
+    def argv(self, slice_name: str, home: str) -> list[str]:
+        engine = os.path.join(home, ENGINE_DIR)
+        argv = [_twistd(), "-n", "--pidfile=", "dsmt-engine", "--slice", slice_name, "--host", self.node,
+                "--home", home, "--state", os.path.join(engine, "engine.sqlite"),
+                "--descriptors", os.path.join(engine, "descriptors"), "--router", self.settings.router,
+                "--password-file", os.path.join(engine, "psepr.pw")]
+        argv += ["--ca", self.settings.ca] if self.settings.ca else ["--allow-unsigned"]
+        return argv + list(self.settings.extra)
+
+    def start(self, slice_name: str) -> int | None:
+        """Write the engine's files and start it; the engine's pid, or None (already there, or failed)."""
+        try:
+            home = self.backend.home(slice_name)
+            engine = os.path.join(home, ENGINE_DIR)
+            if os.path.isdir(engine):
+                return None                       # bootstrapped already: CreateSliver repeated
+            os.mkdir(engine, 0o700)
+            os.mkdir(os.path.join(engine, "descriptors"), 0o700)
+            descriptor = os.open(os.path.join(engine, "psepr.pw"), os.O_WRONLY | os.O_CREAT | os.O_EXCL
+                                 | os.O_NOFOLLOW, 0o600)
+            with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+                handle.write((self.settings.password or "") + "\n")
+            environment = {}
+            if os.environ.get("PYTHONPATH"):          # a working tree's code (tests, make demo)
+                environment["PYTHONPATH"] = os.pathsep.join(
+                    os.path.abspath(p) for p in os.environ["PYTHONPATH"].split(os.pathsep) if p)
+            pid = self.backend.start(slice_name, self.argv(slice_name, home), environment)
+            log.info("{node}: deployment engine of {slice} started (pid {pid})", node=self.node, slice=slice_name,
+                     pid=pid)
+            return pid
+        except Exception as exc:  # the contract: logged and published, never raised into CreateSliver's reply
+            log.error("{node}: the deployment engine of {slice} did not start: {error}", node=self.node,
+                      slice=slice_name, error=exc)
+            try:
+                self.publish(deployment_status(slice_name, self.node, SLIVER_BOOTSTRAP, DEPLOYMENT_AGENT, "failed"))
+            except Exception:
+                log.failure("{node}: the bootstrap's failure could not be published", node=self.node)
+            return None

@@ -1,0 +1,76 @@
+"""The sliver bootstrap: the engine's files in a new sliver, its command line, once only, failures published."""
+from __future__ import annotations
+
+import os
+import stat
+
+from dsmt.server.nodemanager.bootstrap import ENGINE_DIR, EngineBootstrap, EngineSettings
+from dsmt.server.nodemanager.sliver import DirectorySandbox, SliverError
+
+
+class Recording(DirectorySandbox):
+    """The real sandbox, with process starts recorded instead of run (the engine needs a router)."""
+
+    def __init__(self, root, fail=None):
+        super().__init__(root)
+        self.started, self.fail = [], fail
+
+    def start(self, slice_name, argv, env=None):
+        if self.fail:
+            raise SliverError("backend", self.fail)
+        self.started.append((slice_name, list(argv), dict(env or {})))
+        return 4242
+
+
+def make(tmp_path, **options):
+    backend = Recording(str(tmp_path / "slivers"), **options)
+    backend.recover()
+    backend.create("xyz1", None)
+    events = []
+    settings = EngineSettings(router="psepr://127.0.0.1:23345", password="s3cret", ca=None, extra=("--x", "y"))
+    return backend, EngineBootstrap(backend, "n1.test", settings, events.append), events
+
+
+def test_the_engine_gets_its_files_and_command_line(tmp_path):
+    backend, bootstrap, events = make(tmp_path)
+    assert bootstrap.start("xyz1") == 4242
+    home = backend.home("xyz1")
+    engine = os.path.join(home, ENGINE_DIR)
+    assert stat.S_IMODE(os.stat(engine).st_mode) == 0o700
+    password = os.path.join(engine, "psepr.pw")
+    assert stat.S_IMODE(os.stat(password).st_mode) == 0o600 and open(password).read() == "s3cret\n"
+    ((name, argv, _),) = backend.started
+    assert name == "xyz1" and argv[0].endswith("twistd")
+    assert argv[1:4] == ["-n", "--pidfile=", "dsmt-engine"]
+    flags = dict(zip(argv[4::2], argv[5::2]))
+    assert flags["--slice"] == "xyz1" and flags["--host"] == "n1.test" and flags["--home"] == home
+    assert flags["--router"] == "psepr://127.0.0.1:23345" and flags["--password-file"] == password
+    assert "--allow-unsigned" in argv and argv[-2:] == ["--x", "y"]
+    assert events == []                       # the engine reports its own installation
+
+
+def test_a_repeated_create_starts_no_second_engine(tmp_path):
+    backend, bootstrap, _ = make(tmp_path)
+    bootstrap.start("xyz1")
+    assert bootstrap.start("xyz1") is None
+    assert len(backend.started) == 1
+
+
+def test_a_failed_start_is_published_not_raised(tmp_path):
+    backend, bootstrap, events = make(tmp_path, fail="cannot start 'twistd': No such file or directory")
+    assert bootstrap.start("xyz1") is None
+    (event,) = events
+    assert event.channel == "/org/dsmt/ns/deployment/xyz1/org.dsmt.component.sliver-bootstrap/status/"
+    assert event.payload.value == ("hostname=n1.test,component=org.dsmt.component.sliver-bootstrap,"
+                                   "managed=org.dsmt.component.deployment-agent,slice=xyz1,status=failed")
+    assert bootstrap.start("nosuchslice") is None and len(events) == 2
+
+
+def test_a_signing_engine_gets_the_ca(tmp_path):
+    backend = Recording(str(tmp_path / "slivers"))
+    backend.recover()
+    backend.create("xyz1", None)
+    EngineBootstrap(backend, "n1.test", EngineSettings(router="psepr://r:1", ca="/etc/dsmt/ca.pem"),
+                    lambda event: None).start("xyz1")
+    argv = backend.started[0][1]
+    assert argv[argv.index("--ca") + 1] == "/etc/dsmt/ca.pem" and "--allow-unsigned" not in argv
