@@ -350,13 +350,7 @@ class Listener:
             raise TestbedError(f"{exc}; received {len(got)}: {got[-20:]}") from None
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
 
     def __enter__(self) -> "Listener":
         return self
@@ -373,7 +367,9 @@ class Testbed:
     ``transport_router``: start a PsEPR router and connect every daemon to it (``svm --transport psepr``
     and :meth:`listen` need it).  ``capacity``: slots per node.  ``ticket_validity``: the agent's
     ``--ticket-validity`` (None: its default).  ``node_pattern``: the farms' ``--name`` pattern, with
-    ``{n}`` (counting from 1 across farms) and ``{farm}`` (the farm's index).
+    ``{n}`` (counting from 1 across farms) and ``{farm}`` (the farm's index).  ``node_names``: instead,
+    one farm process per name, hosting that one node (real machines have one node manager each).
+    ``engines``: node managers start the deployment engine in every new sliver (``--engine``).
     ``slice_manager``: also start ``twistd dsmt-slicemanager`` (its certificate ``service-slicemanager``,
     its slice directory ``DIR/slicemanager/``, the svm commands as a SOAP service at
     :attr:`slice_manager_url`), reaching the agent and nodes over HTTP.
@@ -383,8 +379,15 @@ class Testbed:
 
     def __init__(self, directory, *, nodes: int = 5, farms: int = 1, transport_router: bool = True,
                  capacity: int = 10, slice_manager: bool = False, ticket_validity: int | None = None,
-                 node_pattern: str = "n{n:03d}.farm{farm}.test"):
+                 node_pattern: str = "n{n:03d}.farm{farm}.test", node_names: Sequence[str] | None = None,
+                 engines: bool = False):
         from dsmt.server.nodemanager.daemon import MAX_FARM_NODES
+        if node_names is not None:     # one farm (process) per named node, as on real machines
+            nodes = farms = len(node_names)
+            if not nodes or len(set(node_names)) != nodes or any("{" in n or "}" in n for n in node_names):
+                raise ValueError("node_names must be distinct names without braces")
+        if engines and not transport_router:
+            raise ValueError("engines report over PsEPR: they need the router")
         if not 1 <= farms <= nodes:
             raise ValueError(f"farms must be 1..nodes ({nodes}), not {farms}")
         if nodes > farms * MAX_FARM_NODES:
@@ -395,6 +398,7 @@ class Testbed:
         self.node_count, self.farm_count, self.capacity = nodes, farms, capacity
         self.transport_router, self.with_slice_manager = transport_router, slice_manager
         self.ticket_validity = ticket_validity
+        self.engines = engines
         self.pki = self.directory / "pki"
         self.home = self.directory / "home"
         self.password_file = self.directory / "psepr.pw"
@@ -406,6 +410,9 @@ class Testbed:
         self._extra: dict[str, Daemon] = {}     # more agents (add_agent)
         first = 1
         for index in range(farms):
+            if node_names is not None:
+                self.farms.append(self._farm(index, [node_names[index]], 1, node_names[index]))
+                continue
             count = nodes // farms + (1 if index < nodes % farms else 0)
             names = [node_pattern.format(n=n, farm=index) for n in range(first, first + count)]
             self.farms.append(self._farm(index, names, first, node_pattern))
@@ -496,7 +503,8 @@ class Testbed:
                      "--cert", str(self.pki / "service-nodemanager.pem"),
                      "--key", str(self.pki / "service-nodemanager.key"),
                      "--http", f"tcp:{port}:interface=127.0.0.1", "--agent", self.agent_url,
-                     "--nodes-file", str(nodes_file)] + self._psepr_arguments())
+                     "--nodes-file", str(nodes_file)] + self._psepr_arguments()
+                    + (["--engine"] if self.engines else []))
         return Farm(index, names, state_dir, nodes_file, Daemon(name, self.directory, arguments))
 
     def start(self) -> "Testbed":
@@ -608,6 +616,23 @@ class Testbed:
         self._write_state()
 
     # -- more agents -------------------------------------------------------------------------------------
+
+    def add_pldb(self, user: str, watch: str = "/org/dsmt/ns/deployment/") -> Daemon:
+        """Start PLDB (``twistd pldb``) logged in as ``user`` — a slice's events reach ``<slice>_mgr`` leases
+        only, so a slice's PLDB is that account's — recording ``watch``; returns once it is logged in.
+        Stopped with the testbed."""
+        if self.router is None:
+            raise TestbedError("PLDB records PsEPR events: this testbed has no router")
+        name = f"pldb-{user}"
+        daemon = Daemon(name, self.directory, lambda port: [
+            "pldb", "--router", self.router_url, "--service", user, "--instance", "pldb",
+            "--password-file", str(self.password_file), "--db", str(self.directory / f"{name}.sqlite"),
+            "--watch", watch])
+        self._extra[name] = daemon
+        daemon.start(0)
+        self._wait_connected(daemon, 1)
+        self._write_state()
+        return daemon
 
     def add_agent(self, name: str) -> str:
         """Start another agent, ``name``, selling the same nodes (``--nodes`` from the farms' nodes files, its own
