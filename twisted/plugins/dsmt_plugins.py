@@ -55,3 +55,11 @@ dsmt_engine = ServiceMaker(
     "events and obeys APPCONFIG and the other commands (SOAP over HTTP and PsEPR)",
     "dsmt-engine",
 )
+
+dsmt_repository = ServiceMaker(
+    "dsmt package repository",
+    "dsmt.server.deployment.repository",
+    "serves a directory's packages listed in its SHA256SUMS index (GET/HEAD, byte ranges, no encodings) "
+    "to deployment engines",
+    "dsmt-repository",
+)
