@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 .PHONY: demo test venv dev bench clean
 
 demo: $(VENV)/.installed
-	$(PY) examples/psepr_status_demo.py
+	$(PY) examples/xyz1_demo.py
 
 test: $(VENV)/.installed
 	$(PY) -m pytest $(PYTEST_ARGS)

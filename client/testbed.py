@@ -634,6 +634,43 @@ class Testbed:
         self._write_state()
         return daemon
 
+    def slice_manager_client(self):
+        """A zeep client of the slice manager daemon, signing as the user and verifying signed replies."""
+        import zeep
+
+        from dsmt.server.contracts import wsdl_path
+        from dsmt.transports.soap.pki import Purpose, TrustStore
+        from dsmt.transports.soap.wssec import Signer, SigningTransport, Verifier
+        from dsmt.transports.soap.zeepsupport import client_settings
+        if self.slice_manager is None:
+            raise TestbedError("this testbed has no slice manager (slice_manager=False)")
+        transport = SigningTransport(zeep.Transport(timeout=COMMAND_TIMEOUT),
+                                     Signer.from_files(str(self.user_key), str(self.user_cert)),
+                                     Verifier(TrustStore.from_files(str(self.ca)), purpose=Purpose.SERVER))
+        client = zeep.Client(wsdl_path("slicemanager"), transport=transport, settings=client_settings())
+        binding = next(b for b in client.wsdl.bindings.values() if not b.name.localname.endswith("_psepr"))
+        return client.create_service(binding.name, self.slice_manager_url)
+
+    def create_slice_via_slice_manager(self, slice_name: str, nodes: Sequence[str], leaselen: int = 3600) -> list[str]:
+        """``CreateSlice`` on the slice manager for ``nodes`` (in that order); the per-node lines, or TestbedError."""
+        spec = (f"<slice><name>{slice_name}</name><numnodes>{len(nodes)}</numnodes><leaselen>{leaselen}</leaselen>"
+                f"<ips>{' '.join(nodes)}</ips></slice>")
+        report = self.slice_manager_client().CreateSlice(spec)
+        lines = [result.line for result in report.result or ()]
+        if not report.ok:
+            raise TestbedError(f"CreateSlice {slice_name}: {report.summary}: {'; '.join(lines)}")
+        return lines
+
+    def add_repository(self, root) -> str:
+        """Start a package repository (``twistd dsmt-repository``) serving ``root``; its base URL (``…/``).
+        Stopped with the testbed."""
+        daemon = Daemon("repository", self.directory, lambda port: [
+            "dsmt-repository", "--root", str(Path(root).absolute()), "--listen", f"tcp:{port}:interface=127.0.0.1"])
+        self._extra["repository"] = daemon
+        _start_on_free_port(daemon, lambda: _accepts(daemon.port), "accepting connections")
+        self._write_state()
+        return f"http://127.0.0.1:{daemon.port}/"
+
     def add_agent(self, name: str) -> str:
         """Start another agent, ``name``, selling the same nodes (``--nodes`` from the farms' nodes files, its own
         database ``DIR/<name>.sqlite``, the agent's certificate), HTTP only; its URL.  PDN-02-005 lets several
