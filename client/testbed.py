@@ -749,7 +749,23 @@ class Testbed:
         for daemon in daemons:
             if daemon is not None:
                 daemon.signal(signal.SIGTERM)
-        return {daemon.name: daemon.stop() for daemon in daemons if daemon is not None}
+        statuses = {daemon.name: daemon.stop() for daemon in daemons if daemon is not None}
+        self._stop_slivers()
+        return statuses
+
+    def _stop_slivers(self) -> None:
+        """Kill what runs in the slivers (engines, applications): a node manager leaves its slivers running when
+        it stops — on a real machine they outlive it — but a testbed's machine goes away with it."""
+        from dsmt.server.nodemanager.sliver import DirectorySandbox, SliverError
+        for farm in self.farms:
+            for node in farm.nodes:
+                root = farm.state_dir / node / "slivers"
+                if not root.is_dir():
+                    continue
+                sandbox = DirectorySandbox(str(root))
+                for slice_name in sandbox.list():
+                    with contextlib.suppress(SliverError, OSError):
+                        sandbox.stop(slice_name)
 
     def __enter__(self) -> "Testbed":
         return self.start()

@@ -809,8 +809,39 @@ class DirectorySandbox(SliverBackend):
                 os.unlink(file_name, dir_fd=run)
         finally:
             os.close(run)
+        if only is None:
+            signalled += self._kill_strays(slice_name)
         self._reap(slice_name, only)
         return signalled
+
+    def _kill_strays(self, slice_name: str) -> int:
+        """SIGKILL the processes of this user whose working directory is inside the sliver but which left its
+        recorded groups (a supervisor in the sliver starting its children in sessions of their own: the
+        deployment engine does).  A process that also moved its working directory out escapes this backend;
+        a backend with a user id or a cgroup per sliver closes that gap."""
+        inside = os.path.join(os.path.realpath(self.root), slice_name) + os.sep
+        killed = 0
+        me = os.getpid()
+        try:
+            entries = os.listdir("/proc")
+        except OSError:
+            return 0                                       # no /proc: only the recorded groups are stopped
+        for entry in entries:
+            if not entry.isdigit() or int(entry) == me:
+                continue
+            try:
+                if os.stat(f"/proc/{entry}").st_uid != os.getuid():
+                    continue
+                cwd = os.readlink(f"/proc/{entry}/cwd") + os.sep
+            except OSError:
+                continue                                   # gone meanwhile, or not ours to look at
+            if cwd.startswith(inside):
+                try:
+                    os.kill(int(entry), signal.SIGKILL)
+                    killed += 1
+                except OSError:
+                    pass
+        return killed
 
     def _reap(self, slice_name: str, only: int | None) -> None:
         children = self._children.get(slice_name, {})

@@ -282,6 +282,22 @@ def test_delete_kills_every_process_of_the_sliver(sandbox, root):
     assert sandbox.list() == [] and os.listdir(root) == []
 
 
+def test_stop_kills_a_process_that_left_the_slivers_groups_but_works_inside_it(sandbox, root):
+    # a supervisor in the sliver (the deployment engine) starts its children in sessions of their own
+    sandbox.create("alice", None)
+    fifo = os.path.join(sandbox.home("alice"), "pids.fifo")
+    os.mkfifo(fifo)
+    pid = run_python(sandbox, "alice", (
+        "import subprocess, sys, time\n"
+        "stray = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], start_new_session=True)\n"
+        "with open('pids.fifo', 'w') as out: out.write(f'{stray.pid}\\n')\n"
+        "time.sleep(60)\n"))
+    stray = int(read_fifo(fifo))
+    assert alive(pid) and alive(stray) and os.getpgid(stray) != pid
+    sandbox.stop("alice")
+    assert not alive(stray)
+
+
 def test_a_reused_group_number_is_never_signalled(sandbox, root):
     sandbox.create("alice", None)
     stranger = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
