@@ -1,0 +1,159 @@
+"""Deploy time against node count, and the whole create-slice-and-deploy path (issue 5's benchmark).
+
+Setup per node count N (``--counts``, default 1, 10, 50, 100, 200): a local testbed
+(``dsmt.client.testbed``) of N node managers in ``--farms`` processes, each starting a real deployment
+engine (``twistd dsmt-engine``, its own process) in every new sliver, a PsEPR router, the agent, and a
+package repository serving XYZ (``examples/xyz``).  Then, timed from this process:
+
+* create  — ``createslice`` of an N-node slice (the svm core, HTTP, signed), until the call returns;
+* engines — until every engine reported its own installation ``running`` (sliver-bootstrap events,
+  seen by a listener as ``<slice>_mgr``): one process start per node;
+* deploy  — ``Deploy`` of XYZ on every engine at once (SOAP over PsEPR, one call per node: each node
+  gets its own port), until every engine answered a report with XYZ running (download, unpack,
+  configure, start, health check);
+
+printed side by side with the total.  Engines in slivers listen on PsEPR only, so the deploy step is
+measured over PsEPR; the HTTP figure of the issue is not taken (see ``bench/RESULTS.md``).
+
+Bar (issue 5): 200 nodes created and deployed in ≤ 40 s on this 2-core machine.
+
+    PYTHONPATH=.dev .venv/bin/python bench/deploy.py --counts 1,10,50
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BAR_SECONDS_200 = 40.0
+
+
+def load_build():
+    spec = importlib.util.spec_from_file_location("xyz_build", ROOT / "examples" / "xyz" / "build.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def engines_running(events, nodes) -> bool:
+    running = set()
+    for event in events:
+        value = getattr(event.payload, "value", "")
+        if "component=org.dsmt.component.sliver-bootstrap" in value and value.endswith("status=running"):
+            running.add(value.split(",", 1)[0].removeprefix("hostname="))
+    return set(nodes) <= running
+
+
+def deploy_all(bed, slice_name: str, nodes, descriptor: bytes) -> list[str]:
+    """Deploy on every engine at once over PsEPR; the nodes whose report was not ok."""
+    from twisted.internet import defer, task
+
+    from dsmt.client.testbed import free_port
+    from dsmt.server.contracts import Contract
+    from dsmt.server.deployment.service import psepr_address
+    from dsmt.server.statusevents import manager_service
+    from dsmt.transports.psepr.client import PsEPRConnection
+    from dsmt.transports.psepr_soap import PSEPR_TRANSPORT, PsEPRTransport
+    failed: list[str] = []
+
+    async def run(reactor):
+        connection = PsEPRConnection.from_urls(bed.router_url, service=manager_service(slice_name),
+                                               instance="bench-planner",
+                                               password=bed.password_file.read_text().strip())
+        await connection.connect(retry=False)
+        transport = PsEPRTransport(connection, timeout=300)
+        await transport.start()
+        contract = Contract("deployment", transport, PSEPR_TRANSPORT)
+
+        async def one(node):
+            parameters = [{"name": "port", "value": str(free_port())}, {"name": "python", "value": sys.executable}]
+            try:
+                report = await contract.call(psepr_address(slice_name, node), "Deploy",
+                                             {"descriptor": descriptor.decode(), "parameter": parameters})
+                if not report.ok:
+                    failed.append(node)
+            except Exception:
+                failed.append(node)
+        try:
+            await defer.gatherResults([defer.ensureDeferred(one(node)) for node in nodes])
+        finally:
+            transport.close()
+            connection.close()
+
+    try:
+        task.react(lambda reactor: defer.ensureDeferred(run(reactor)))
+    except SystemExit:
+        pass
+    return failed
+
+
+def measure(count: int, farms: int, directory: str) -> dict:
+    """One testbed of ``count`` nodes; the three phases' seconds (one run: the reactor runs once per process)."""
+    from dsmt.client.testbed import Testbed, poll
+    with Testbed(directory, nodes=count, farms=min(farms, count), engines=True) as bed:
+        repository = Path(directory) / "repository"
+        repository.mkdir()
+        build = load_build().build(repository, bed.add_repository(repository))
+        descriptor = Path(build.descriptor_path).read_bytes()
+        name = "bench"
+        bed.write_spec(name, numnodes=count, leaselen=3600)
+        with bed.listen(f"/org/dsmt/ns/deployment/{name}/", user=f"{name}_mgr") as listener:
+            began = time.perf_counter()
+            result = bed.svm("-p", "32", "createslice", f"{name}.xml")
+            created = time.perf_counter()
+            if result.returncode != 0:
+                raise RuntimeError(f"createslice: {result.stdout[-500:]} {result.stderr[-500:]}")
+            poll(lambda: engines_running(listener.events(), bed.nodes), 600, "every engine running")
+            engines = time.perf_counter()
+        failed = deploy_all(bed, name, bed.nodes, descriptor)
+        deployed = time.perf_counter()
+        if failed:
+            raise RuntimeError(f"deploy failed on {len(failed)} nodes: {failed[:5]}")
+    return {"create": created - began, "engines": engines - created, "deploy": deployed - engines}
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--counts", default="1,10,50,100,200")
+    parser.add_argument("--farms", type=int, default=4)
+    parser.add_argument("--one", type=int, help=argparse.SUPPRESS)   # a child measuring one count
+    options = parser.parse_args(argv)
+    if options.one:
+        import json
+        with tempfile.TemporaryDirectory(prefix="dsmt-deploy-") as directory:
+            print(json.dumps(measure(options.one, options.farms, directory)), flush=True)
+        return 0
+    import json
+    import subprocess
+    counts = [int(c) for c in options.counts.split(",")]
+    print(f"# create + deploy — Python {platform.python_version()}, {os.cpu_count()} CPUs, node managers in "
+          f"{options.farms} farm processes, one engine process per sliver, XYZ deployed over PsEPR")
+    print(f"{'nodes':>6}{'create s':>10}{'engines s':>11}{'deploy s':>10}{'total s':>9}{'ms/node':>9}")
+    totals = {}
+    for count in counts:   # one child per count: each runs its own reactor once
+        child = subprocess.run([sys.executable, __file__, "--one", str(count), "--farms", str(options.farms)],
+                               capture_output=True, text=True, timeout=1800)
+        if child.returncode != 0 or not child.stdout.strip():
+            print(f"{count:>6}  failed: {(child.stderr or child.stdout)[-800:]}")
+            return 1
+        row = json.loads(child.stdout.strip().splitlines()[-1])
+        total = row["create"] + row["engines"] + row["deploy"]
+        totals[count] = total
+        print(f"{count:>6}{row['create']:>10.2f}{row['engines']:>11.2f}{row['deploy']:>10.2f}{total:>9.2f}"
+              f"{1000 * total / count:>9.0f}", flush=True)
+    if 200 in totals:
+        total = totals[200]
+        print(f"200 nodes created and deployed ≤ {BAR_SECONDS_200:g} s: {total:.1f} s — "
+              f"{'PASS' if total <= BAR_SECONDS_200 else 'MISS'} ({total / BAR_SECONDS_200:.2f} of the bar)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
