@@ -295,6 +295,9 @@ def test_stop_kills_a_process_that_left_the_slivers_groups_but_works_inside_it(s
     stray = int(read_fifo(fifo))
     assert alive(pid) and alive(stray) and os.getpgid(stray) != pid
     sandbox.stop("alice")
+    deadline = time.monotonic() + 5            # SIGKILL is delivered asynchronously: bounded wait for the exit
+    while alive(stray) and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert not alive(stray)
 
 
