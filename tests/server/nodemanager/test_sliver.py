@@ -48,6 +48,16 @@ def code_of(call, *args) -> tuple[str, str]:
     return info.value.code, info.value.reason
 
 
+def gone(pid: int, within: float = 5.0) -> bool:
+    """Whether ``pid`` exits within ``within`` seconds (a SIGKILL is delivered asynchronously)."""
+    deadline = time.monotonic() + within
+    while alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
 def alive(pid: int) -> bool:
     """Whether ``pid`` exists and is not a zombie."""
     try:
@@ -278,7 +288,7 @@ def test_delete_kills_every_process_of_the_sliver(sandbox, root):
     sandbox.delete("alice")
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
-    assert not alive(grandchild)
+    assert gone(grandchild)
     assert sandbox.list() == [] and os.listdir(root) == []
 
 
@@ -295,10 +305,7 @@ def test_stop_kills_a_process_that_left_the_slivers_groups_but_works_inside_it(s
     stray = int(read_fifo(fifo))
     assert alive(pid) and alive(stray) and os.getpgid(stray) != pid
     sandbox.stop("alice")
-    deadline = time.monotonic() + 5            # SIGKILL is delivered asynchronously: bounded wait for the exit
-    while alive(stray) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert not alive(stray)
+    assert gone(stray)
 
 
 def test_a_reused_group_number_is_never_signalled(sandbox, root):
