@@ -33,10 +33,10 @@ import os
 import re
 import sys
 import tarfile
-import tempfile
 from dataclasses import dataclass
 from urllib.parse import quote
 
+from dsmt.server.atomicfile import write_atomic
 from dsmt.server.deployment.descriptor import DescriptorError, parse_descriptor
 from dsmt.server.deployment.fetch import FetchError, check_url
 from dsmt.server.deployment.repository import RepositoryError, add_to_index
@@ -135,7 +135,7 @@ def build_package(repository: str, version: str, source: str = SOURCE) -> Packag
     path = os.path.join(repository, name)
     try:
         os.makedirs(repository, exist_ok=True)
-        _write(path, data)
+        write_atomic(path, data)
         add_to_index(repository, name, digest)
     except OSError as exc:
         raise BuildError(f"cannot write {path}: {exc.strerror or exc}") from None
@@ -183,28 +183,10 @@ def build(repository: str, base_url: str, descriptor_path: str | None = None, *,
     text = render_descriptor(template_bytes, url, package.sha256)
     descriptor_path = os.path.abspath(descriptor_path or os.path.join(repository, "xyz.xml"))
     try:
-        _write(descriptor_path, text)
+        write_atomic(descriptor_path, text)
     except OSError as exc:
         raise BuildError(f"cannot write {descriptor_path}: {exc.strerror or exc}") from None
     return Build(package, url, descriptor_path)
-
-
-def _write(path: str, data: bytes) -> None:
-    directory = os.path.dirname(path) or "."
-    fd, temporary = tempfile.mkstemp(prefix=".build-", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as stream:
-            stream.write(data)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.chmod(temporary, 0o644)
-        os.replace(temporary, path)
-    except BaseException:
-        try:
-            os.unlink(temporary)
-        except OSError:
-            pass
-        raise
 
 
 def main(argv=None) -> int:

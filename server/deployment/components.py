@@ -45,6 +45,7 @@ from typing import Callable
 
 from twisted.internet import defer, threads
 
+from dsmt.server.atomicfile import write_atomic
 from dsmt.server.deployment.descriptor import BUILTIN_ACTIONS, Component, substitute
 from dsmt.server.deployment.health import HealthChecker, HealthError
 from dsmt.server.deployment.lifecycle import RUNNING, TERMINATED, Milestone
@@ -200,32 +201,9 @@ class Unpack(ManagementComponent):
             if os.path.lexists(dest):
                 _remove_tree(context, dest)
             unpack(archive, dest, format=package.format)
-            _write_atomically(marker, package.sha256.lower().encode("ascii"), 0o600)
+            write_atomic(marker, package.sha256.lower().encode("ascii"), 0o600)
         pool = context.reactor.getThreadPool()
         return threads.deferToThreadPool(context.reactor, pool, work)
-
-
-def _write_atomically(path: str, data: bytes, mode: int) -> None:
-    directory = os.path.dirname(path)
-    fd, temporary = tempfile.mkstemp(prefix=".writing-", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as stream:
-            stream.write(data)
-            stream.flush()
-            os.fchmod(stream.fileno(), mode)
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        try:
-            os.unlink(temporary)
-        except OSError:
-            pass
-        raise
-    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 class Configure(ManagementComponent):
@@ -246,7 +224,7 @@ class Configure(ManagementComponent):
             path = inside_home(context.home, config.path, f"config {config.path!r}")
             try:
                 os.makedirs(os.path.dirname(path), exist_ok=True)
-                _write_atomically(path, text.encode("utf-8"), config.mode)
+                write_atomic(path, text.encode("utf-8"), config.mode)
             except OSError as exc:
                 raise _io(f"cannot write config {config.path!r}", exc) from None
 

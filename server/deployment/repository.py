@@ -38,12 +38,12 @@ import errno
 import os
 import re
 import stat
-import tempfile
 from dataclasses import dataclass
 
 from twisted.python import usage
 from twisted.web import http, resource, server, static
 
+from dsmt.server.atomicfile import write_atomic
 from dsmt.server.deployment.checksum import normalize_sha256
 from dsmt.server.deployment.fetch import FetchError, check_file_name
 from dsmt.server.refusal import Refusal
@@ -144,20 +144,7 @@ def add_to_index(root: str, name: str, sha256: str) -> Index:
     if len(index.entries) > MAX_INDEX_ENTRIES:
         raise RepositoryError("index", f"{INDEX_NAME} would list more than {MAX_INDEX_ENTRIES} packages")
     try:
-        fd, temporary = tempfile.mkstemp(prefix=".index-", dir=root)
-        try:
-            with os.fdopen(fd, "wb") as stream:
-                stream.write(format_index(index))
-                stream.flush()
-                os.fsync(stream.fileno())
-            os.chmod(temporary, 0o644)
-            os.replace(temporary, path)
-        except BaseException:
-            try:
-                os.unlink(temporary)
-            except OSError:
-                pass
-            raise
+        write_atomic(path, format_index(index))
     except OSError as exc:
         raise RepositoryError("io", f"cannot write {path}: {exc.strerror or exc}") from None
     return index

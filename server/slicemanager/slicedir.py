@@ -52,12 +52,12 @@ import os
 import re
 import shutil
 import stat
-import tempfile
 import uuid
 
 from lxml import etree
 
 from dsmt.server.agent.tickets import MAX_TICKET_BYTES, TicketError, parse_ticket
+from dsmt.server.atomicfile import write_atomic
 from dsmt.server.refusal import Refusal
 from dsmt.server.slicemanager.calls import LeaseInfo
 from dsmt.server.slicemanager.spec import MAX_NUMNODES, MAX_SPEC_BYTES, SliceSpecError, check_slice_name, \
@@ -106,34 +106,6 @@ def default_home(environ=os.environ) -> str:
 
 
 # --------------------------------------------------------------------------------------------- files
-
-def write_atomic(path: str, data: bytes, mode: int = 0o644) -> None:
-    """Replace ``path`` by ``data`` atomically: temp file in the same directory, fsync, rename, fsync dir."""
-    directory = os.path.dirname(path) or "."
-    fd, temp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            os.fchmod(handle.fileno(), mode)
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        try:
-            os.unlink(temp)
-        except OSError:
-            pass
-        raise
-    _fsync_directory(directory)
-
-
-def _fsync_directory(directory: str) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
 
 def _read_limited(path: str, limit: int) -> bytes:
     """The bytes of regular file ``path`` (no symlink), or SliceDirectoryError if larger than ``limit``."""
