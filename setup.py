@@ -54,6 +54,7 @@ setup(
             "psepr = dsmt.client.psepr_cli:main",
             "dsmt-pki = dsmt.client.dsmt_pki:main",
             "svm = dsmt.client.svm:main",
+            "dsmtc = dsmt.client.dsmtc:main",
             "dsmt-testbed = dsmt.client.testbed:main",
         ],
     },

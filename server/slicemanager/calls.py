@@ -191,7 +191,8 @@ _MAX_REASON = 300
 
 def run_each(call_one: Callable[[NodeRequest], defer.Deferred], operation: str, requests: Sequence[NodeRequest], *,
              parallelism: int, timeout: float | None, on_result: OnResult | None = None,
-             clock: IReactorTime | None = None) -> defer.Deferred:
+             clock: IReactorTime | None = None,
+             check: Callable[[str, Mapping[str, Any]], None] = check_request) -> defer.Deferred:
     """The :meth:`NodeCalls.run` contract for transports that make one call per node.
 
     ``call_one(request)`` returns a Deferred of the node's value (or raises /
@@ -199,7 +200,9 @@ def run_each(call_one: Callable[[NodeRequest], defer.Deferred], operation: str, 
     ``DeferredSemaphore``); each is cancelled after ``timeout`` seconds of
     ``clock`` (default: the global reactor) and its outcome is then
     ``NodeCallError("timeout")`` even if the call ignores cancellation.
-    Requests must name distinct nodes.
+    Requests must name distinct nodes.  ``check(operation, kwargs)`` raises ValueError for a request the
+    contract does not allow (default: :func:`check_request`, the node manager's operations; the deployment
+    engines' adapters pass their own), before any call is made.
     """
     if type(parallelism) is not int or parallelism < 1:
         raise ValueError(f"parallelism must be a whole number >= 1, not {parallelism!r}")
@@ -209,7 +212,7 @@ def run_each(call_one: Callable[[NodeRequest], defer.Deferred], operation: str, 
     if len(set(nodes)) != len(nodes):
         raise ValueError("requests must name distinct nodes")
     for request in requests:
-        check_request(operation, request.kwargs)
+        check(operation, request.kwargs)
     if clock is None and timeout is not None:
         from twisted.internet import reactor as clock
     semaphore = defer.DeferredSemaphore(parallelism)

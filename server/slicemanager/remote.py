@@ -18,6 +18,13 @@ compare the outcomes):
   addressed by instance.  A node that does not answer in time is ``timeout``
   either way.
 
+The per-node machinery is not the node managers' alone: :class:`HttpCalls` and
+:class:`PsEPRCalls` run any :class:`NodeContract` (WSDL name, PsEPR address of
+a node or of the group, reply converters, request check), and
+:class:`HttpNodeCalls` / :class:`PsEPRNodeCalls` are them with
+:data:`NODEMANAGER`; the deployment engines' adapters
+(``dsmt.server.deployment.remote``) are them with the engines' contract.
+
 Outcomes are the plain values of :mod:`~dsmt.server.slicemanager.calls`;
 failures become :class:`NodeCallError` / :class:`AgentCallError` with the
 fault's code below ``Client.`` (``AdmissionRefused.capacity``, ``NoLease``…),
@@ -31,6 +38,7 @@ Signing: with ``cert``/``key`` every request is signed (WS-Security); with
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 from twisted.internet import defer, error as net_error
@@ -41,8 +49,9 @@ from dsmt.server.slicemanager.calls import (
     SliverInfo, as_call_error, check_request, run_each)
 from dsmt.transports.soap import HTTP_TRANSPORT, PSEPR_TRANSPORT
 
-__all__ = ["DEFAULT_TIMEOUT", "fault_code", "HttpAgentCalls", "HttpNodeCalls", "PsEPRAgentCalls", "PsEPRNodeCalls",
-           "make_calls", "signing_parts"]
+__all__ = ["DEFAULT_TIMEOUT", "fault_code", "NodeContract", "NODEMANAGER", "HttpCalls", "PsEPRCalls",
+           "gather_multicast", "HttpAgentCalls", "HttpNodeCalls", "PsEPRAgentCalls", "PsEPRNodeCalls", "make_calls",
+           "signing_parts"]
 
 #: Seconds a call may take when ``svm -t`` is not given: a node manager answers in milliseconds; a minute
 #: covers a loaded machine and a slow network, and a dead node is still reported within the run.
@@ -105,19 +114,12 @@ def _sliver(value) -> SliverInfo:
                       None if value.expiresAt is None else int(value.expiresAt), int(value.keys))
 
 
-#: How each operation's reply becomes its outcome value.
+#: How each node manager operation's reply becomes its outcome value.
 _CONVERT: Mapping[str, Callable[[Any], Any]] = {
     "Redeem": _lease, "RenewLease": _lease,
     "CreateSliver": _sliver, "DeleteSliver": _sliver, "GetSliver": _sliver,
     "AddKey": int, "DelKey": int, "NukeKeys": int,
 }
-
-
-def _outcome(operation: str, value, node: str):
-    try:
-        return _CONVERT[operation](value)
-    except (TypeError, ValueError, AttributeError):
-        return NodeCallError(ERROR, f"{node} answered {operation} with something that is not its reply")
 
 
 def _ads(values) -> list[NodeAd]:
@@ -133,6 +135,49 @@ def _spec_text(spec_xml: bytes) -> str:
         return spec_xml.decode("utf-8")
     except UnicodeDecodeError:
         raise AgentCallError("InvalidSpec", "the slice file is not UTF-8 text") from None
+
+
+# ---------------------------------------------------------------- one contract, many nodes
+
+@dataclass(frozen=True)
+class NodeContract:
+    """What the per-node adapters (:class:`HttpCalls`, :class:`PsEPRCalls`) need to know of a service that
+    runs on many nodes: the node managers (:data:`NODEMANAGER`), the deployment engines
+    (``dsmt.server.deployment.remote``).
+
+    ``wsdl``: the committed WSDL's name; ``psepr_address(node)``: the ``psepr:`` address of the service on
+    ``node``, and of every instance (the group) for ``None``; ``convert``: operation → function turning
+    zeep's reply into the outcome value (a TypeError/ValueError/AttributeError/KeyError there makes the
+    node's outcome an ``error``: the answer is not the operation's reply); ``check(operation, kwargs)``:
+    raises ValueError for a request the contract does not allow (given to
+    :func:`~dsmt.server.slicemanager.calls.run_each`); ``wire(operation, kwargs)``: the WSDL operation's
+    keyword arguments for a request's (None: the request's as they are).
+    """
+
+    wsdl: str
+    psepr_address: Callable[[str | None], str]
+    convert: Mapping[str, Callable[[Any], Any]]
+    check: Callable[[str, Mapping[str, Any]], None]
+    wire: Callable[[str, Mapping[str, Any]], dict] | None = None
+
+    def arguments(self, operation: str, kwargs: Mapping[str, Any]) -> dict:
+        return dict(kwargs) if self.wire is None else self.wire(operation, kwargs)
+
+    def outcome(self, operation: str, value, node: str):
+        """The outcome value of ``node``'s reply ``value``, or a NodeCallError ``error`` when it is not one."""
+        try:
+            return self.convert[operation](value)
+        except (TypeError, ValueError, AttributeError, KeyError):
+            return NodeCallError(ERROR, f"{node} answered {operation} with something that is not its reply")
+
+
+def _nodemanager_address(node: str | None = None) -> str:
+    from dsmt.transports.psepr_soap import service_address
+    return service_address(NODEMANAGER_PSEPR_SERVICE, node)
+
+
+#: The node managers' contract (``wsdl/nodemanager.wsdl``; PsEPR service ``nodemanager``, instance = node).
+NODEMANAGER = NodeContract("nodemanager", _nodemanager_address, _CONVERT, check_request)
 
 
 # ---------------------------------------------------------------- zeep plumbing
@@ -188,25 +233,36 @@ class HttpAgentCalls:
         return self._run("Release", {"ticketId": list(ticket_ids)}, int)
 
 
-class HttpNodeCalls:
-    """Node managers at their endpoint URLs over SOAP/HTTP, one call per node (bounded by ``parallelism``)."""
+class HttpCalls:
+    """A :class:`NodeContract`'s service at each request's endpoint URL over SOAP/HTTP, one call per node
+    (bounded by ``parallelism``)."""
 
-    def __init__(self, transport, *, reactor=None):
+    def __init__(self, contract: NodeContract, transport, *, reactor=None):
+        self.contract = contract
         self._reactor = reactor
-        self._contract = Contract("nodemanager", transport, HTTP_TRANSPORT)
+        self._zeep = Contract(contract.wsdl, transport, HTTP_TRANSPORT)
 
     def run(self, operation: str, requests: Sequence[NodeRequest], *, parallelism: int, timeout: float | None,
             on_result=None) -> defer.Deferred:
+        contract = self.contract
+
         def call_one(request: NodeRequest) -> defer.Deferred:
             if not request.endpoint.startswith(("http://", "https://")):
                 return defer.fail(NodeCallError(UNREACHABLE, f"no HTTP endpoint known for {request.node}"))
-            call = self._contract.call(request.endpoint, operation, request.kwargs)
-            call.addCallback(lambda value, node=request.node: _outcome(operation, value, node))
+            call = self._zeep.call(request.endpoint, operation, contract.arguments(operation, request.kwargs))
+            call.addCallback(lambda value, node=request.node: contract.outcome(operation, value, node))
             return call.addErrback(lambda failure: defer.fail(_failure(failure.value, request.node, NodeCallError)))
 
         return run_each(call_one, operation, requests, parallelism=parallelism,
                         timeout=DEFAULT_TIMEOUT if timeout is None else timeout, on_result=on_result,
-                        clock=self._reactor)
+                        clock=self._reactor, check=contract.check)
+
+
+class HttpNodeCalls(HttpCalls):
+    """Node managers at their endpoint URLs over SOAP/HTTP, one call per node (bounded by ``parallelism``)."""
+
+    def __init__(self, transport, *, reactor=None):
+        super().__init__(NODEMANAGER, transport, reactor=reactor)
 
 
 # ---------------------------------------------------------------- PsEPR
@@ -222,68 +278,85 @@ class PsEPRAgentCalls(HttpAgentCalls):
         self._contract = Contract("agent", transport, PSEPR_TRANSPORT)
 
 
-class PsEPRNodeCalls:
-    """Node managers over SOAP/PsEPR: one multicast for a step whose requests share their arguments,
-    else one call per node addressed by instance (``to/instance`` = the node)."""
+class PsEPRCalls:
+    """A :class:`NodeContract`'s service over SOAP/PsEPR: one multicast to the group address for a step
+    whose requests share their arguments, else one call per node addressed by instance (``to/instance`` =
+    the node).  A node that does not answer within ``timeout`` is ``timeout`` either way."""
 
-    def __init__(self, transport, *, reactor=None):
-        from dsmt.transports.psepr_soap import service_address
+    def __init__(self, contract: NodeContract, transport, *, reactor=None):
+        self.contract = contract
         self.transport = transport
         self._reactor = reactor
-        self._contract = Contract("nodemanager", transport, PSEPR_TRANSPORT)
-        self._group = service_address(NODEMANAGER_PSEPR_SERVICE)
-
-    def _address(self, node: str) -> str:
-        from dsmt.transports.psepr_soap import service_address
-        return service_address(NODEMANAGER_PSEPR_SERVICE, node)
+        self._zeep = Contract(contract.wsdl, transport, PSEPR_TRANSPORT)
 
     def run(self, operation: str, requests: Sequence[NodeRequest], *, parallelism: int, timeout: float | None,
             on_result=None) -> defer.Deferred:
         seconds = DEFAULT_TIMEOUT if timeout is None else timeout
+        contract = self.contract
         if len(requests) > 1 and all(r.kwargs == requests[0].kwargs for r in requests):
             return self._multicast(operation, requests, seconds, on_result)
 
         def call_one(request: NodeRequest) -> defer.Deferred:
-            call = self._contract.call(self._address(request.node), operation, request.kwargs)
-            call.addCallback(lambda value, node=request.node: _outcome(operation, value, node))
+            call = self._zeep.call(contract.psepr_address(request.node), operation,
+                                   contract.arguments(operation, request.kwargs))
+            call.addCallback(lambda value, node=request.node: contract.outcome(operation, value, node))
             return call.addErrback(lambda failure: defer.fail(_failure(failure.value, request.node, NodeCallError)))
 
         return run_each(call_one, operation, requests, parallelism=parallelism, timeout=seconds,
-                        on_result=on_result, clock=self._reactor)
+                        on_result=on_result, clock=self._reactor, check=contract.check)
 
     def _multicast(self, operation, requests, seconds, on_result) -> defer.Deferred:
         from dsmt.transports.psepr_soap import multicast_call
+        contract = self.contract
         nodes = [request.node for request in requests]
         if len(set(nodes)) != len(nodes):
             raise ValueError("requests must name distinct nodes")
         for request in requests:
-            check_request(operation, request.kwargs)
+            contract.check(operation, request.kwargs)
+        return gather_multicast(
+            multicast_call(self.transport, self._zeep.at(contract.psepr_address(None)), operation,
+                           kwargs=contract.arguments(operation, requests[0].kwargs), instances=nodes,
+                           deadline=seconds),
+            contract, operation, nodes, seconds, on_result)
 
-        def gathered(results) -> dict:
-            outcomes = {}
-            for node in nodes:
-                result = results.get(node)
-                if result is None or result.outcome == "missing":
-                    outcome = NodeCallError(TIMEOUT, f"no answer from {node} in {seconds:g} s")
-                elif result.outcome == "value":
-                    outcome = _outcome(operation, result.value, node)
-                elif result.outcome == "fault":
-                    outcome = _failure(result.fault, node, NodeCallError)
-                else:
-                    outcome = _failure(result.error, node, NodeCallError)
-                outcomes[node] = outcome
-                if on_result is not None:
-                    on_result(node, outcome)
-            return outcomes
 
-        def failed(failure) -> dict:
-            error = _failure(failure.value, "the PsEPR router", NodeCallError)
-            return gathered({node: None for node in nodes}) if error.code == TIMEOUT else \
-                _all(nodes, error, on_result)
+def gather_multicast(call: defer.Deferred, contract: NodeContract, operation: str, nodes: Sequence[str],
+                     seconds: float, on_result=None) -> defer.Deferred:
+    """The ``NodeCalls.run`` outcomes of a ``multicast_call`` Deferred: each named node's converted value or
+    NodeCallError (``timeout`` for a node that did not answer), ``on_result`` told per node; a failure of
+    the call as a whole (router gone) is every node's error.  Never fails."""
 
-        call = multicast_call(self.transport, self._contract.at(self._group), operation,
-                              kwargs=dict(requests[0].kwargs), instances=nodes, deadline=seconds)
-        return call.addCallbacks(gathered, failed)
+    def gathered(results) -> dict:
+        outcomes = {}
+        for node in nodes:
+            result = results.get(node)
+            if result is None or result.outcome == "missing":
+                outcome = NodeCallError(TIMEOUT, f"no answer from {node} in {seconds:g} s")
+            elif result.outcome == "value":
+                outcome = contract.outcome(operation, result.value, node)
+            elif result.outcome == "fault":
+                outcome = _failure(result.fault, node, NodeCallError)
+            else:
+                outcome = _failure(result.error, node, NodeCallError)
+            outcomes[node] = outcome
+            if on_result is not None:
+                on_result(node, outcome)
+        return outcomes
+
+    def failed(failure) -> dict:
+        error = _failure(failure.value, "the PsEPR router", NodeCallError)
+        return gathered({node: None for node in nodes}) if error.code == TIMEOUT else \
+            _all(nodes, error, on_result)
+
+    return call.addCallbacks(gathered, failed)
+
+
+class PsEPRNodeCalls(PsEPRCalls):
+    """Node managers over SOAP/PsEPR: one multicast for a step whose requests share their arguments,
+    else one call per node addressed by instance (``to/instance`` = the node)."""
+
+    def __init__(self, transport, *, reactor=None):
+        super().__init__(NODEMANAGER, transport, reactor=reactor)
 
 
 def _all(nodes, error, on_result) -> dict:
