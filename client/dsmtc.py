@@ -74,6 +74,9 @@ EXIT_OK, EXIT_NODE_FAILED, EXIT_USAGE, EXIT_FAILED = 0, 1, 2, 3
 DEPLOY_TIMEOUT = 300.0
 #: Seconds ``status`` waits for PLDB's answer by default (``psepr query``'s own default).
 QUERY_TIMEOUT = 10.0
+#: Seconds ``watch`` waits for PLDB's last values before it shows live events only: short, because a watch
+#: without PLDB still works (the engines re-send their status every minute).
+SEED_TIMEOUT = 2.0
 #: Longest wait accepted for ``-t`` / ``--timeout``: a day; a watch meant to run longer is run without one.
 MAX_TIMEOUT = 86400.0
 #: Most calls at once: as ``svm`` (each holds a file descriptor).
@@ -386,6 +389,8 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("watch", help="live per-node, per-component table", epilog=_EPILOG)
     p.add_argument("slice", metavar="SLICE")
     p.add_argument("--until", choices=(RUNNING,), help="stop once every node's application is running")
+    p.add_argument("--pldb-channel", default="/org/dsmt/ns/pldb/query/",
+                   help="PLDB's query channel (the table starts from its last values)")
     p.add_argument("--timeout", type=_seconds, metavar="S", help="stop after S seconds")
     p = sub.add_parser("command", help="send a command on the slice's command channel", epilog=_EPILOG)
     p.add_argument("slice", metavar="SLICE")
@@ -598,7 +603,12 @@ async def _watch(args, session: _Session, out, err, interrupted: defer.Deferred,
             ended["why"] = why
             done.callback(None)
 
+    held: list | None = []                    # live events held back while PLDB's last values are folded in
+
     def received(event) -> None:
+        if held is not None:
+            held.append(event)
+            return
         change = table.apply(event)
         if change is not None:
             display.show(table, change)
@@ -613,7 +623,22 @@ async def _watch(args, session: _Session, out, err, interrupted: defer.Deferred,
         raise Failed(f"the router refused a lease on {slice_channel(args.slice)}: {exc}") from None
     await session.connection.flush()          # the grant is routed: events sent from now on reach us
     _say(err, f"dsmtc: watching {slice_channel(args.slice)} as {args.user or manager_service(args.slice)}")
+    # A late watcher starts from PLDB's last values (when a PLDB answers in time), then the events that
+    # arrived meanwhile, in order: the table never goes back to an older state.
+    from dsmt.client.pldb import query_pldb
+    try:
+        known = await query_pldb(session.connection, slice_channel(args.slice), pldb_channel=args.pldb_channel,
+                                 timeout=SEED_TIMEOUT)
+        for attr in sorted(known.attrs, key=lambda attr: attr.time):
+            table.apply(attr)
+    except Exception as exc:  # no PLDB is fine: the engines re-send their status within a minute
+        _say(err, f"dsmtc: no last values from PLDB ({exc}); waiting for status events")
+    pending, held = held, None
+    for event in pending:
+        table.apply(event)
     display.show(table, None)
+    if args.until and verdict(table) is not None:
+        end(verdict(table))
     timer = reactor.callLater(args.timeout, end, "timeout") if args.timeout else None
     interrupted.addCallback(lambda _: end("interrupted"))
     await done
