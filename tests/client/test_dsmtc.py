@@ -371,7 +371,7 @@ class Live(Engines):
         yield err.seen
         stop.callback(None)
         result = yield watching
-        assert result.status == 0 and result.lines[0].split() == ["node", "application"]
+        assert result.status == 0 and result.lines[0].split() == ["node", "engine"]   # PLDB knew the engines
 
     @defer.inlineCallbacks
     def test_an_unreachable_router_or_silent_pldb_exit_3(self):
