@@ -20,7 +20,12 @@ engine.  Deleting the sliver kills the engine with every other sliver process.
 
 Contract of :class:`EngineBootstrap`: ``start(slice_name)`` never raises; a
 failure to write or to start is logged and published as the bootstrap's
-``failed`` (the engine could not report it itself).
+``failed`` (the engine could not report it itself).  ``ensure(slice_name)``
+starts the engine of a bootstrapped sliver again when its process is gone (its
+pid and start time are kept in ``~/.dsmt/engine.pid``); the node manager calls
+it for every running sliver when it starts, so an engine lost with its machine
+comes back with the node manager, and recovers its deployments from its own
+state.  An engine that dies while the node manager runs is not watched yet.
 """
 from __future__ import annotations
 
@@ -76,22 +81,46 @@ class EngineBootstrap:
 
     def start(self, slice_name: str) -> int | None:
         """Write the engine's files and start it; the engine's pid, or None (already there, or failed)."""
+        return self._start(slice_name, fresh=True)
+
+    def ensure(self, slice_name: str) -> int | None:
+        """Start the engine of a bootstrapped sliver again if its process is gone; its new pid, or None."""
+        return self._start(slice_name, fresh=False)
+
+    def _alive(self, engine: str) -> bool:
+        """Whether the recorded engine process exists, is the one recorded (start time) and is no zombie."""
+        try:
+            with open(os.path.join(engine, "engine.pid"), encoding="ascii") as handle:
+                pid, started = handle.read().split()
+            with open(f"/proc/{int(pid)}/stat", "rb") as handle:
+                fields = handle.read().rsplit(b")", 1)[1].split()
+            return fields[0] != b"Z" and fields[19].decode("ascii") == started
+        except (OSError, ValueError, IndexError):
+            return False
+
+    def _start(self, slice_name: str, *, fresh: bool) -> int | None:
+        from dsmt.server.atomicfile import write_atomic
+        from dsmt.server.nodemanager.sliver import process_start_time
         try:
             home = self.backend.home(slice_name)
             engine = os.path.join(home, ENGINE_DIR)
-            if os.path.isdir(engine):
-                return None                       # bootstrapped already: CreateSliver repeated
-            os.mkdir(engine, 0o700)
-            os.mkdir(os.path.join(engine, "descriptors"), 0o700)
-            descriptor = os.open(os.path.join(engine, "psepr.pw"), os.O_WRONLY | os.O_CREAT | os.O_EXCL
-                                 | os.O_NOFOLLOW, 0o600)
-            with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-                handle.write((self.settings.password or "") + "\n")
+            if fresh:
+                if os.path.isdir(engine):
+                    return None                   # bootstrapped already: CreateSliver repeated
+                os.mkdir(engine, 0o700)
+                os.mkdir(os.path.join(engine, "descriptors"), 0o700)
+                descriptor = os.open(os.path.join(engine, "psepr.pw"), os.O_WRONLY | os.O_CREAT | os.O_EXCL
+                                     | os.O_NOFOLLOW, 0o600)
+                with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+                    handle.write((self.settings.password or "") + "\n")
+            elif not os.path.isdir(engine) or self._alive(engine):
+                return None                       # never bootstrapped, or its engine runs
             environment = {}
             if os.environ.get("PYTHONPATH"):          # a working tree's code (tests, make demo)
                 environment["PYTHONPATH"] = os.pathsep.join(
                     os.path.abspath(p) for p in os.environ["PYTHONPATH"].split(os.pathsep) if p)
             pid = self.backend.start(slice_name, self.argv(slice_name, home), environment)
+            write_atomic(os.path.join(engine, "engine.pid"), f"{pid} {process_start_time(pid)}\n".encode(), 0o600)
             log.info("{node}: deployment engine of {slice} started (pid {pid})", node=self.node, slice=slice_name,
                      pid=pid)
             return pid

@@ -182,8 +182,9 @@ class NodeManagerService(service.Service):
     """Starts one node (recover, reaper) and registers it with the agent once its endpoint is known."""
 
     def __init__(self, node, hosted, *, clock, agent: str | None = None, capacity: int = 0, endpoint=None,
-                 signer=None):
+                 signer=None, bootstrap=None):
         self.node = node
+        self.bootstrap = bootstrap
         self.signer = signer
         self.hosted = hosted
         self.clock = clock
@@ -201,6 +202,10 @@ class NodeManagerService(service.Service):
         for action in report.actions:
             log.info("{node}: recovery: {slice}: {why}", node=self.node.node, slice=action.slice, why=action.why)
         self.reaper.poke()
+        if self.bootstrap is not None:        # engines lost with the machine come back with the node manager
+            for sliver in self.node.list_slivers():
+                if sliver.state == "running":
+                    self.bootstrap.ensure(sliver.slice)
 
     def register(self, delay: float = REGISTER_RETRY_FIRST) -> defer.Deferred:
         """Register with the agent (when one is configured), retrying with backoff until it answers."""
@@ -330,10 +335,10 @@ def _host_nodes(options, names: list[str], state_dirs: list[str], paths: list[st
         node = build_node(name, state_dir, options["ticket-trust"], capacity=options["capacity"],
                           connection=connection, clock=reactor.seconds, max_lease_seconds=options["max-lease"],
                           issuers=[options["issuer"]] if options["issuer"] else None)
-        runner = NodeManagerService(node, None, clock=reactor, agent=options["agent"], capacity=options["capacity"],
-                                    signer=_signer(options))
-        resource = NodeManagerResource(node, state_dir, running=lambda runner=runner: runner.running)
         bootstrap = _bootstrap(options, node, connection)
+        runner = NodeManagerService(node, None, clock=reactor, agent=options["agent"], capacity=options["capacity"],
+                                    signer=_signer(options), bootstrap=bootstrap)
+        resource = NodeManagerResource(node, state_dir, running=lambda runner=runner: runner.running)
         hosted = host.add([nodemanager_service(_Poking(node, runner.reaper, bootstrap, reactor))], TNS, SERVICE_NAME,
                           path=path,
                           public_url=_public_url(options, path), policy=options.new_policy(),

@@ -19,7 +19,7 @@ class Recording(DirectorySandbox):
         if self.fail:
             raise SliverError("backend", self.fail)
         self.started.append((slice_name, list(argv), dict(env or {})))
-        return 4242
+        return os.getpid()          # a living process with a start time: "the engine runs"
 
 
 def make(tmp_path, **options):
@@ -33,7 +33,7 @@ def make(tmp_path, **options):
 
 def test_the_engine_gets_its_files_and_command_line(tmp_path):
     backend, bootstrap, events = make(tmp_path)
-    assert bootstrap.start("xyz1") == 4242
+    assert bootstrap.start("xyz1") == os.getpid()
     home = backend.home("xyz1")
     engine = os.path.join(home, ENGINE_DIR)
     assert stat.S_IMODE(os.stat(engine).st_mode) == 0o700
@@ -74,3 +74,15 @@ def test_a_signing_engine_gets_the_ca(tmp_path):
                     lambda event: None).start("xyz1")
     argv = backend.started[0][1]
     assert argv[argv.index("--ca") + 1] == "/etc/dsmt/ca.pem" and "--allow-unsigned" not in argv
+
+
+def test_ensure_restarts_only_a_dead_engine(tmp_path):
+    backend, bootstrap, _ = make(tmp_path)
+    assert bootstrap.ensure("xyz1") is None            # never bootstrapped: nothing to bring back
+    bootstrap.start("xyz1")
+    assert bootstrap.ensure("xyz1") is None and len(backend.started) == 1      # it runs
+    pid_file = os.path.join(backend.home("xyz1"), ENGINE_DIR, "engine.pid")
+    with open(pid_file, "w") as handle:
+        handle.write(f"{os.getpid()} 1\n")               # the recorded process is gone (its number reused)
+    assert bootstrap.ensure("xyz1") == os.getpid() and len(backend.started) == 2
+    assert open(os.path.join(backend.home("xyz1"), ENGINE_DIR, "psepr.pw")).read() == "s3cret\n"
