@@ -63,7 +63,7 @@ from twisted.internet import defer
 from dsmt.server.agent.tickets import MAX_TICKET_BYTES, TicketError, parse_ticket
 from dsmt.server.refusal import Refusal
 from dsmt.server.utctime import utc_text
-from dsmt.server.slicemanager.calls import ERROR, AgentCallError, AgentCalls, LeaseInfo, NodeCallError, NodeCalls, \
+from dsmt.server.slicemanager.calls import ERROR, UNREACHABLE, AgentCallError, AgentCalls, LeaseInfo, NodeCallError, NodeCalls, \
     NodeRequest, SliverInfo
 from dsmt.server.slicemanager.slicedir import LEASES, MAX_LEASE_BYTES, TICKETS, VMS, \
     SliceDirectory, SliceDirectoryError, SliceFiles, parse_lease_document, read_user_file
@@ -237,8 +237,13 @@ class SliceManager:
             if emit is not None:
                 emit(node, outcome)
 
-        def arrived(node: str, raw: Any) -> None:
+        unreachable: dict[str, Any] = {}          # held back: the node may have moved (a new endpoint)
+
+        def arrived(node: str, raw: Any, *, final: bool = False) -> None:
             if node in outcomes or node not in endpoints:
+                return
+            if not final and isinstance(raw, NodeCallError) and raw.code == UNREACHABLE:
+                unreachable[node] = raw
                 return
             try:
                 outcome = process(node, raw)
@@ -251,18 +256,42 @@ class SliceManager:
             if emit is not None:
                 emit(node, outcome)
 
-        requests = [NodeRequest(node, endpoints[node], kwargs_of[node])
-                    for node in sorted(endpoints, key=node_sort_key)]
-        for request in requests:
-            self._progress(files.name, request.node, started, None)
-        if requests:
-            results = await self.nodes.run(operation, requests, parallelism=self.parallelism, timeout=self.timeout,
-                                           on_result=arrived)
-            for node, raw in results.items():      # an adapter that did not call on_result
-                arrived(node, raw)
+        async def call(nodes) -> None:
+            requests = [NodeRequest(node, endpoints[node], kwargs_of[node]) for node in sorted(nodes, key=node_sort_key)]
             for request in requests:
-                arrived(request.node, NodeCallError(ERROR, f"no answer from {request.node} was recorded"))
+                self._progress(files.name, request.node, started, None)
+            if requests:
+                results = await self.nodes.run(operation, requests, parallelism=self.parallelism,
+                                               timeout=self.timeout, on_result=arrived)
+                for node, raw in results.items():      # an adapter that did not call on_result
+                    arrived(node, raw)
+
+        await call(endpoints)
+        if unreachable:
+            moved = await self._moved(files, unreachable, endpoints)
+            stuck = {node: raw for node, raw in unreachable.items() if node not in moved}
+            unreachable.clear()
+            if moved:
+                await call(moved)                      # once more, at the endpoint the agent advertises now
+            for node, raw in {**stuck, **unreachable}.items():
+                arrived(node, raw, final=True)
+        for node in endpoints:
+            arrived(node, NodeCallError(ERROR, f"no answer from {node} was recorded"), final=True)
         return outcomes
+
+    async def _moved(self, files: SliceFiles, unreachable: dict, endpoints: dict) -> list[str]:
+        """The unreachable nodes the agent now advertises at another endpoint (a node manager restarted
+        elsewhere); their endpoints are updated in ``endpoints`` and in the slice's ``nodes`` file."""
+        try:
+            ads = await self.agent.getads()
+        except AgentCallError:
+            return []
+        learned = {ad.node: ad.endpoint for ad in ads
+                   if ad.node in unreachable and ad.endpoint and ad.endpoint != endpoints.get(ad.node)}
+        if learned:
+            files.add_endpoints(learned)
+            endpoints.update(learned)
+        return sorted(learned, key=node_sort_key)
 
     @staticmethod
     def _expect(raw: Any, kind: type, node: str, slice_name: str):

@@ -443,6 +443,30 @@ def test_unknown_endpoint_is_a_node_error(world):
     assert files.endpoints() == {n: world.endpoints[n] for n in NODES[:2]}       # learned again from the ads
 
 
+def test_a_node_that_moved_is_called_again_at_its_advertised_endpoint(world):
+    done(world.manager().createslice(spec()))
+    files = world.files()
+    old = world.endpoints["10.0.0.2"]
+    new = "http://127.0.0.1:9999/nodemanager"       # its node manager restarted on another port
+    world.calls.by_endpoint[new] = world.calls.by_endpoint.pop(old)
+    world.agent.endpoints["10.0.0.2"] = new
+
+    def refused_at_old(operation, request, _one=world.calls._one):
+        if request.endpoint == old:
+            raise NodeCallError("unreachable", f"connection to {old} refused")
+        return _one(operation, request)
+    world.calls._one = refused_at_old
+    report = done(world.manager().renewslice("oceanstore"))
+    assert report.ok, report.outcomes
+    assert files.endpoints()["10.0.0.2"] == new                                   # remembered for next time
+    assert [c for c in world.calls.calls if c[1] == "10.0.0.2"][-1] == ("RenewLease", "10.0.0.2")
+    # a node still unreachable where the agent says it is reports the refusal, once
+    world.calls.down.add("10.0.0.3")
+    report = done(world.manager().renewslice("oceanstore"))
+    assert report.failed == ["10.0.0.3"] and report.outcomes["10.0.0.3"].code == "unreachable"
+    assert world.lines.count([l for l in world.lines if l.startswith("Error on 10.0.0.3")][0]) == 1
+
+
 def test_odd_answers_become_node_errors(world):
     done(world.manager().createslice(spec()))
 
