@@ -57,3 +57,17 @@ class ZeepCalls:
         except Fault as fault:
             return fault
         raise AssertionError(f"{operation} did not fail")
+
+
+def soap11_envelope(tns: str, body: str, prefix: str = "m") -> bytes:
+    """A SOAP 1.1 envelope around ``body`` (XML text using ``prefix`` for ``tns``), for hand-made requests."""
+    from dsmt.transports.soap.core import SOAP11
+    return (f'<s:Envelope xmlns:s="{SOAP11.envelope_ns}" xmlns:{prefix}="{tns}"><s:Body>{body}</s:Body>'
+            f"</s:Envelope>").encode()
+
+
+def post_soap11(url: str, body: bytes):
+    """POST ``body`` as SOAP 1.1 on a fresh connection; Deferred of the reply's bytes."""
+    from dsmt.transports.soap.core import SOAP11
+    return treq.post(url, data=body, headers={"content-type": SOAP11.content_type},
+                     pool=HTTPConnectionPool(reactor, persistent=False)).addCallback(treq.content)

@@ -5,11 +5,9 @@ from __future__ import annotations
 import os
 import sys
 
-import treq
 from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 from twisted.web import resource, server, static
-from twisted.web.client import HTTPConnectionPool
 
 from dsmt.server.deployment.engine import Engine
 from dsmt.server.deployment.fetch import Fetcher
@@ -20,12 +18,11 @@ from dsmt.server.deployment.store import Store
 from dsmt.server.hosting import ServiceHost
 from dsmt.transports.http import TreqTransport
 from dsmt.transports.soap import HTTP_TRANSPORT
-from dsmt.transports.soap.core import SOAP11
 from dsmt.transports.soap.zeepsupport import bind, make_client
 from tests.server.deployment.test_engine import (
     ECHO, FIXTURE, WEB, app_events, free_port, sha, simple_descriptor, tar_bytes, zip_bytes,
 )
-from tests.support.contracts import ZeepCalls, assert_served_wsdl_is_committed, wsdl_file
+from tests.support.contracts import post_soap11, soap11_envelope, ZeepCalls, assert_served_wsdl_is_committed, wsdl_file
 from tests.transports.soap.service import FaultView
 
 HOST = "planetlab5.nbgisp.com"
@@ -111,13 +108,11 @@ class ServiceTestBase(ZeepCalls, unittest.TestCase):
         return f"{self.base}/{name}"
 
     def post(self, body: bytes):
-        return treq.post(self.url, data=body, headers={"content-type": SOAP11.content_type},
-                         pool=HTTPConnectionPool(reactor, persistent=False)).addCallback(treq.content)
+        return post_soap11(self.url, body)
 
     @staticmethod
     def raw(body: str) -> bytes:
-        return (f'<s:Envelope xmlns:s="{SOAP11.envelope_ns}" xmlns:m="{TNS}"><s:Body>{body}</s:Body>'
-                f"</s:Envelope>").encode()
+        return soap11_envelope(TNS, body)
 
     @staticmethod
     def params(values: dict) -> list[dict]:

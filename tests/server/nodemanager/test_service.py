@@ -4,10 +4,8 @@ from __future__ import annotations
 import os
 
 import pytest
-import treq
-from twisted.internet import defer, reactor
+from twisted.internet import defer
 from twisted.trial import unittest
-from twisted.web.client import HTTPConnectionPool
 
 from dsmt.server.agent.tickets import Ticket, sign_ticket
 from dsmt.server.hosting import ServiceHost
@@ -16,10 +14,9 @@ from dsmt.server.nodemanager.service import SERVICE_NAME, TNS, nodemanager_servi
 from dsmt.server.nodemanager.sshkeys import generate_slice_keypair
 from dsmt.transports.http import TreqTransport
 from dsmt.transports.soap import HTTP_TRANSPORT
-from dsmt.transports.soap.core import SOAP11
 from dsmt.transports.soap.zeepsupport import bind, make_client
 from tests.server.agent.support import NOW, parties
-from tests.support.contracts import ZeepCalls, assert_served_wsdl_is_committed, wsdl_file, zeep_dump
+from tests.support.contracts import post_soap11, soap11_envelope, ZeepCalls, assert_served_wsdl_is_committed, wsdl_file, zeep_dump
 from tests.transports.soap.service import FaultView
 
 WSDL_FILE = wsdl_file("nodemanager")
@@ -36,13 +33,10 @@ def ticket(slice_name="oceanstore", node=NODE, ticket_id="T-1", **changes) -> by
 
 
 def raw(body: str) -> bytes:
-    return (f'<s:Envelope xmlns:s="{SOAP11.envelope_ns}" xmlns:n="{TNS}"><s:Body>{body}</s:Body>'
-            f"</s:Envelope>").encode()
+    return soap11_envelope(TNS, body, prefix="n")
 
 
-def post(url: str, body: bytes):
-    return treq.post(url, data=body, headers={"content-type": SOAP11.content_type},
-                     pool=HTTPConnectionPool(reactor, persistent=False)).addCallback(treq.content)
+post = post_soap11
 
 
 class OverHttp(ZeepCalls, unittest.TestCase):

@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import os
 
-import treq
-from twisted.internet import defer, reactor
+from twisted.internet import defer
 from twisted.trial import unittest
-from twisted.web.client import HTTPConnectionPool
 
 from dsmt.server.agent.core import Agent, NodeRegistry
 from dsmt.server.agent.service import NAME as AGENT_NAME, TNS as AGENT_TNS, agent_service
@@ -24,10 +22,9 @@ from dsmt.server.slicemanager.slicedir import SliceDirectory
 from dsmt.server.utctime import utc_text
 from dsmt.transports.http import TreqTransport
 from dsmt.transports.soap import HTTP_TRANSPORT
-from dsmt.transports.soap.core import SOAP11
 from dsmt.transports.soap.zeepsupport import bind, make_client
 from tests.server.agent.support import NOW, parties
-from tests.support.contracts import ZeepCalls, assert_served_wsdl_is_committed, wsdl_file
+from tests.support.contracts import post_soap11, soap11_envelope, ZeepCalls, assert_served_wsdl_is_committed, wsdl_file
 from tests.transports.soap.service import FaultView
 
 WSDL_FILE = wsdl_file("slicemanager")
@@ -112,13 +109,11 @@ class OverHttp(ZeepCalls, unittest.TestCase):
 
 
     def post(self, body: bytes):
-        return treq.post(self.url, data=body, headers={"content-type": SOAP11.content_type},
-                         pool=HTTPConnectionPool(reactor, persistent=False)).addCallback(treq.content)
+        return post_soap11(self.url, body)
 
     @staticmethod
     def raw(body: str) -> bytes:
-        return (f'<s:Envelope xmlns:s="{SOAP11.envelope_ns}" xmlns:m="{TNS}"><s:Body>{body}</s:Body>'
-                f"</s:Envelope>").encode()
+        return soap11_envelope(TNS, body)
 
     @defer.inlineCallbacks
     def test_a_slice_life_as_svm_prints_it(self):
