@@ -109,7 +109,8 @@ class NodeManager:
         slots = ticket.resources.get("slots", 0)
         used = self._used(now)
         if used + slots > self.capacity_slots:
-            raise AdmissionRefused(CAPACITY, f"{slots} slots asked, {used} of {self.capacity_slots} in use")
+            raise AdmissionRefused(CAPACITY, f"{slots} slot{'' if slots == 1 else 's'} asked, {used} of "
+                                             f"{self.capacity_slots} in use")
         length = min(ticket.leaselen, self.max_lease_seconds)
         lease = Lease(uuid.uuid4().hex, ticket.ticket_id, ticket.slice_name, ticket.node, slots, now,
                       now + length, length, ACTIVE, owner)

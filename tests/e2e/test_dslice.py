@@ -388,7 +388,7 @@ def test_a_full_node_is_refused_by_the_agent_and_by_the_node_manager(small):
     other = small.add_agent("agent2")
     result = ok(small.svm("--agent", other, "createslice", small.directory / "second.xml"), 1)
     [line] = lines(result)
-    assert line == f"Error on {node}: 1 slots asked, 1 of 1 in use"
+    assert line == f"Error on {node}: 1 slot asked, 1 of 1 in use"
     assert files(small.slice_dir("second") / "tickets") == [node]
 
 
