@@ -131,7 +131,6 @@ class HostedService(service.MultiService):
                  resource: ManageableResource | None = None, manage_http: str | None = None,
                  manage_psepr: bool = False):
         super().__init__()
-        from dsmt.transports.http import SoapResource
         from dsmt.transports.psepr_soap import PsEPRSoapEndpoint, service_channel
         self.setName(path)
         self.service_name = name
@@ -150,6 +149,7 @@ class HostedService(service.MultiService):
         if host.http:
             self.http_core = SoapCore(services, tns, name, soap_version=host.soap_version,
                                       transport_uri=HTTP_TRANSPORT, limits=host.limits, filters=filters)
+            from dsmt.transports.http import SoapResource
             self.http_resource = SoapResource(self.http_core, public_url=public_url)
         self.psepr_core = self.endpoint = None
         if connection is not None:
@@ -195,7 +195,6 @@ class ServiceHost(service.MultiService):
     def __init__(self, *, http: str | Iterable[str] | None = None, soap_version: SoapVersion = SOAP11,
                  limits: SoapLimits = SoapLimits(), reactor=None):
         super().__init__()
-        from dsmt.transports.http import SoapSite
         if reactor is None:
             from twisted.internet import reactor
         self.reactor = reactor
@@ -203,8 +202,11 @@ class ServiceHost(service.MultiService):
         self.soap_version = soap_version
         self.limits = limits
         self.root = Resource()
-        self.site = SoapSite(self.root, max_request_bytes=limits.max_envelope_bytes)
-        self.site.noisy = False
+        self.site = None                      # PsEPR only (an engine in a sliver): twisted.web is not loaded
+        if self.http:
+            from dsmt.transports.http import SoapSite
+            self.site = SoapSite(self.root, max_request_bytes=limits.max_envelope_bytes)
+            self.site.noisy = False
         self.ports: list = []
         self.hosted: list[HostedService] = []
         self._listening: defer.Deferred | None = None
