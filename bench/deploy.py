@@ -5,15 +5,15 @@ Setup per node count N (``--counts``, default 1, 10, 50, 100, 200): a local test
 engine (``twistd dsmt-engine``, its own process) in every new sliver, a PsEPR router, the agent, and a
 package repository serving XYZ (``examples/xyz``).  Then, timed from this process:
 
-* create  — ``createslice`` of an N-node slice (the svm core, HTTP, signed), until the call returns;
+* create  — ``svm -p 32 createslice`` of an N-node slice over the transport (signed), until it returns;
 * engines — until every engine reported its own installation ``running`` (sliver-bootstrap events,
   seen by a listener as ``<slice>_mgr``): one process start per node;
-* deploy  — ``Deploy`` of XYZ on every engine at once (SOAP over PsEPR, one call per node: each node
-  gets its own port), until every engine answered a report with XYZ running (download, unpack,
-  configure, start, health check);
+* deploy  — ``Deploy`` of XYZ on every engine at once over the transport (PsEPR: the slice's engine
+  service by instance; HTTP: each engine's own loopback endpoint, ``--engine-http``), one call per node
+  (each XYZ gets its own port), until every engine answered a report with XYZ running (download,
+  unpack, configure, start, health check);
 
-printed side by side with the total.  Engines in slivers listen on PsEPR only, so the deploy step is
-measured over PsEPR; the HTTP figure of the issue is not taken (see ``bench/RESULTS.md``).
+printed side by side with the total, one row per transport (a fresh testbed for each).
 
 Bar (issue 5): 200 nodes created and deployed in ≤ 40 s on this 2-core machine.
 
@@ -51,8 +51,10 @@ def engines_running(events, nodes) -> bool:
     return set(nodes) <= running
 
 
-def deploy_all(bed, slice_name: str, nodes, descriptor: bytes) -> list[str]:
-    """Deploy on every engine at once over PsEPR; the nodes whose report was not ok."""
+def deploy_all(bed, jobs, nodes, descriptor: bytes) -> dict:
+    """For each (transport, slice) of ``jobs`` in turn, Deploy on every engine of the slice at once
+    (``transport``: psepr, or http at each engine's own endpoint); {transport: (seconds, failed nodes)}.
+    One run of the reactor for all (it cannot be restarted)."""
     from twisted.internet import defer, task
 
     from dsmt.client.testbed import free_port
@@ -60,22 +62,37 @@ def deploy_all(bed, slice_name: str, nodes, descriptor: bytes) -> list[str]:
     from dsmt.server.deployment.service import psepr_address
     from dsmt.server.statusevents import manager_service
     from dsmt.transports.psepr.client import PsEPRConnection
+    from dsmt.transports.http import TreqTransport
     from dsmt.transports.psepr_soap import PSEPR_TRANSPORT, PsEPRTransport
-    failed: list[str] = []
+    from dsmt.transports.soap import HTTP_TRANSPORT
+    timings: dict = {}
 
     async def run(reactor):
+        for transport, slice_name in jobs:
+            failed: list[str] = []
+            began = time.perf_counter()
+            await run_one(transport, slice_name, failed)
+            timings[transport] = (time.perf_counter() - began, failed)
+
+    async def run_one(transport, slice_name, failed):
         connection = PsEPRConnection.from_urls(bed.router_url, service=manager_service(slice_name),
                                                instance="bench-planner",
                                                password=bed.password_file.read_text().strip())
         await connection.connect(retry=False)
-        transport = PsEPRTransport(connection, timeout=300)
-        await transport.start()
-        contract = Contract("deployment", transport, PSEPR_TRANSPORT)
+        if transport == "psepr":
+            carrier = PsEPRTransport(connection, timeout=300)
+            await carrier.start()
+            contract = Contract("deployment", carrier, PSEPR_TRANSPORT)
+            address = {node: psepr_address(slice_name, node) for node in nodes}
+        else:
+            carrier = TreqTransport(timeout=300)
+            contract = Contract("deployment", carrier, HTTP_TRANSPORT)
+            address = {node: bed.engine_url(node, slice_name) for node in nodes}
 
         async def one(node):
             parameters = [{"name": "port", "value": str(free_port())}, {"name": "python", "value": sys.executable}]
             try:
-                report = await contract.call(psepr_address(slice_name, node), "Deploy",
+                report = await contract.call(address[node], "Deploy",
                                              {"descriptor": descriptor.decode(), "parameter": parameters})
                 if not report.ok:
                     failed.append(node)
@@ -84,74 +101,93 @@ def deploy_all(bed, slice_name: str, nodes, descriptor: bytes) -> list[str]:
         try:
             await defer.gatherResults([defer.ensureDeferred(one(node)) for node in nodes])
         finally:
-            transport.close()
+            if transport == "psepr":
+                carrier.close()
+            else:
+                await carrier.aclose()
             connection.close()
 
     try:
         task.react(lambda reactor: defer.ensureDeferred(run(reactor)))
     except SystemExit:
         pass
-    return failed
+    return timings
 
 
-def measure(count: int, farms: int, directory: str) -> dict:
-    """One testbed of ``count`` nodes; the three phases' seconds (one run: the reactor runs once per process)."""
+def measure(count: int, farms: int, directory: str, transports) -> dict:
+    """One testbed of ``count`` nodes; per transport, one slice created and deployed over it: the three
+    phases' seconds (one run: the reactor runs once per process)."""
     from dsmt.client.testbed import Testbed, poll
-    with Testbed(directory, nodes=count, farms=min(farms, count), engines=True) as bed:
+    rows = {}
+    with Testbed(directory, nodes=count, farms=min(farms, count), engines=True, engine_http=True,
+                 capacity=len(transports) + 1) as bed:
         repository = Path(directory) / "repository"
         repository.mkdir()
         build = load_build().build(repository, bed.add_repository(repository))
         descriptor = Path(build.descriptor_path).read_bytes()
-        name = "bench"
-        bed.write_spec(name, numnodes=count, leaselen=3600)
-        with bed.listen(f"/org/dsmt/ns/deployment/{name}/", user=f"{name}_mgr") as listener:
-            began = time.perf_counter()
-            result = bed.svm("-p", "32", "createslice", f"{name}.xml")
-            created = time.perf_counter()
-            if result.returncode != 0:
-                raise RuntimeError(f"createslice: {result.stdout[-500:]} {result.stderr[-500:]}")
-            poll(lambda: engines_running(listener.events(), bed.nodes), 600, "every engine running")
-            engines = time.perf_counter()
-        failed = deploy_all(bed, name, bed.nodes, descriptor)
-        deployed = time.perf_counter()
-        if failed:
-            raise RuntimeError(f"deploy failed on {len(failed)} nodes: {failed[:5]}")
-    return {"create": created - began, "engines": engines - created, "deploy": deployed - engines}
+        timings = {}
+        for transport in transports:
+            name = f"b{transport}"
+            bed.write_spec(name, numnodes=count, leaselen=3600)
+            with bed.listen(f"/org/dsmt/ns/deployment/{name}/", user=f"{name}_mgr") as listener:
+                began = time.perf_counter()
+                result = bed.svm("-p", "32", "createslice", f"{name}.xml", transport=transport)
+                created = time.perf_counter()
+                if result.returncode != 0:
+                    raise RuntimeError(f"createslice: {result.stdout[-500:]} {result.stderr[-500:]}")
+                poll(lambda: engines_running(listener.events(), bed.nodes)
+                     and all(bed.engine_url(node, name) for node in bed.nodes), 600, "every engine running")
+                engines = time.perf_counter()
+            timings[transport] = (name, began, created, engines)
+        # deployed after both slices exist, one transport after the other: the deploys share the CPU with
+        # nothing but each other's idle engines
+        deploys = deploy_all(bed, [(t, timings[t][0]) for t in transports], bed.nodes, descriptor)
+        for transport in transports:
+            name, began, created, engines = timings[transport]
+            seconds, failed = deploys[transport]
+            if failed:
+                raise RuntimeError(f"deploy over {transport} failed on {len(failed)} nodes: {failed[:5]}")
+            rows[transport] = {"create": created - began, "engines": engines - created, "deploy": seconds}
+    return rows
 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--counts", default="1,10,50,100,200")
     parser.add_argument("--farms", type=int, default=4)
+    parser.add_argument("--transports", default="http,psepr")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)   # a child measuring one count
     options = parser.parse_args(argv)
     if options.one:
         import json
         with tempfile.TemporaryDirectory(prefix="dsmt-deploy-") as directory:
-            print(json.dumps(measure(options.one, options.farms, directory)), flush=True)
+            print(json.dumps(measure(options.one, options.farms, directory, options.transports.split(","))),
+                  flush=True)
         return 0
     import json
     import subprocess
     counts = [int(c) for c in options.counts.split(",")]
     print(f"# create + deploy — Python {platform.python_version()}, {os.cpu_count()} CPUs, node managers in "
-          f"{options.farms} farm processes, one engine process per sliver, XYZ deployed over PsEPR")
-    print(f"{'nodes':>6}{'create s':>10}{'engines s':>11}{'deploy s':>10}{'total s':>9}{'ms/node':>9}")
+          f"{options.farms} farm processes, one engine process per sliver; create and deploy over each transport")
+    print(f"{'transport':<10}{'nodes':>6}{'create s':>10}{'engines s':>11}{'deploy s':>10}{'total s':>9}{'ms/node':>9}")
     totals = {}
-    for count in counts:   # one child per count: each runs its own reactor once
-        child = subprocess.run([sys.executable, __file__, "--one", str(count), "--farms", str(options.farms)],
-                               capture_output=True, text=True, timeout=1800)
+    for count, transport in [(c, t) for c in counts for t in options.transports.split(",")]:
+        # one child (and testbed) per count and transport: each runs its own reactor once, and 200 engine
+        # processes (~70 MB each) per testbed stay within the machine's memory
+        child = subprocess.run([sys.executable, __file__, "--one", str(count), "--farms", str(options.farms),
+                                "--transports", transport], capture_output=True, text=True, timeout=2400)
         if child.returncode != 0 or not child.stdout.strip():
-            print(f"{count:>6}  failed: {(child.stderr or child.stdout)[-800:]}")
+            print(f"{transport:<10}{count:>6}  failed: {(child.stderr or child.stdout)[-800:]}")
             return 1
-        row = json.loads(child.stdout.strip().splitlines()[-1])
-        total = row["create"] + row["engines"] + row["deploy"]
-        totals[count] = total
-        print(f"{count:>6}{row['create']:>10.2f}{row['engines']:>11.2f}{row['deploy']:>10.2f}{total:>9.2f}"
-              f"{1000 * total / count:>9.0f}", flush=True)
-    if 200 in totals:
-        total = totals[200]
-        print(f"200 nodes created and deployed ≤ {BAR_SECONDS_200:g} s: {total:.1f} s — "
-              f"{'PASS' if total <= BAR_SECONDS_200 else 'MISS'} ({total / BAR_SECONDS_200:.2f} of the bar)")
+        for transport, row in json.loads(child.stdout.strip().splitlines()[-1]).items():
+            total = row["create"] + row["engines"] + row["deploy"]
+            totals[(transport, count)] = total
+            print(f"{transport:<10}{count:>6}{row['create']:>10.2f}{row['engines']:>11.2f}{row['deploy']:>10.2f}"
+                  f"{total:>9.2f}{1000 * total / count:>9.0f}", flush=True)
+    for (transport, count), total in totals.items():
+        if count == 200:
+            print(f"200 nodes created and deployed over {transport} ≤ {BAR_SECONDS_200:g} s: {total:.1f} s — "
+                  f"{'PASS' if total <= BAR_SECONDS_200 else 'MISS'} ({total / BAR_SECONDS_200:.2f} of the bar)")
     return 0
 
 

@@ -369,7 +369,8 @@ class Testbed:
     ``--ticket-validity`` (None: its default).  ``node_pattern``: the farms' ``--name`` pattern, with
     ``{n}`` (counting from 1 across farms) and ``{farm}`` (the farm's index).  ``node_names``: instead,
     one farm process per name, hosting that one node (real machines have one node manager each).
-    ``engines``: node managers start the deployment engine in every new sliver (``--engine``).
+    ``engines``: node managers start the deployment engine in every new sliver (``--engine``);
+    ``engine_http``: the engines also serve SOAP/HTTP (:meth:`engine_url`).
     ``slice_manager``: also start ``twistd dsmt-slicemanager`` (its certificate ``service-slicemanager``,
     its slice directory ``DIR/slicemanager/``, the svm commands as a SOAP service at
     :attr:`slice_manager_url`), reaching the agent and nodes over HTTP.
@@ -380,7 +381,7 @@ class Testbed:
     def __init__(self, directory, *, nodes: int = 5, farms: int = 1, transport_router: bool = True,
                  capacity: int = 10, slice_manager: bool = False, ticket_validity: int | None = None,
                  node_pattern: str = "n{n:03d}.farm{farm}.test", node_names: Sequence[str] | None = None,
-                 engines: bool = False):
+                 engines: bool = False, engine_http: bool = False):
         from dsmt.server.nodemanager.daemon import MAX_FARM_NODES
         if node_names is not None:     # one farm (process) per named node, as on real machines
             nodes = farms = len(node_names)
@@ -399,6 +400,7 @@ class Testbed:
         self.transport_router, self.with_slice_manager = transport_router, slice_manager
         self.ticket_validity = ticket_validity
         self.engines = engines
+        self.engine_http = engine_http
         self.pki = self.directory / "pki"
         self.home = self.directory / "home"
         self.password_file = self.directory / "psepr.pw"
@@ -464,6 +466,14 @@ class Testbed:
     def sliver_dir(self, node: str, slice_name: str) -> Path:
         return self.farm_of(node).sliver_dir(node, slice_name)
 
+    def engine_url(self, node: str, slice_name: str) -> str | None:
+        """The HTTP URL of the engine in ``node``'s sliver of ``slice_name`` (``engine_http``), once it listens."""
+        path = self.sliver_dir(node, slice_name) / "home" / ".dsmt" / "engine.sqlite.url"
+        try:
+            return path.read_text().strip() or None
+        except OSError:
+            return None
+
     def slice_dir(self, slice_name: str) -> Path:
         """``svm``'s directory for ``slice_name`` (``home/slices/<slice>``)."""
         return self.home / "slices" / slice_name
@@ -504,7 +514,7 @@ class Testbed:
                      "--key", str(self.pki / "service-nodemanager.key"),
                      "--http", f"tcp:{port}:interface=127.0.0.1", "--agent", self.agent_url,
                      "--nodes-file", str(nodes_file)] + self._psepr_arguments()
-                    + (["--engine"] if self.engines else []))
+                    + (["--engine"] if self.engines else []) + (["--engine-http"] if self.engine_http else []))
         return Farm(index, names, state_dir, nodes_file, Daemon(name, self.directory, arguments))
 
     def start(self) -> "Testbed":

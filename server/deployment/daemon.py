@@ -305,5 +305,22 @@ def makeService(options: Options, reactor=None) -> ServiceHost:
 
     def cannot_listen(failure):
         stop_daemon_failed(host.reactor)  # logged by the host; a daemon that cannot serve exits 1
-    host.when_listening().addErrback(cannot_listen)
+
+    def listening(ports):
+        if ports:  # where callers reach it over HTTP (a port chosen by the kernel is known only now)
+            _write_endpoint(options["state"], options["public-url"] or f"http://127.0.0.1:{ports[0]}/{HTTP_PATH}")
+    host.when_listening().addCallbacks(listening, cannot_listen)
     return host
+
+
+#: Next to the state file: the URL of the engine's HTTP endpoint, once it listens (a sliver's engine gets a
+#: port chosen by the kernel; its node manager and benchmarks read the URL here).
+ENDPOINT_SUFFIX = ".url"
+
+
+def _write_endpoint(state: str, url: str) -> None:
+    from dsmt.server.atomicfile import write_atomic
+    try:
+        write_atomic(state + ENDPOINT_SUFFIX, (url + "\n").encode("ascii"), 0o644)
+    except OSError as exc:
+        log.warn("the HTTP endpoint's URL could not be written: {error}", error=exc)

@@ -51,11 +51,13 @@ ENGINE_DIR = ".dsmt"
 class EngineSettings:
     """How engines are started: ``router`` (PsEPR URLs), ``password`` (of the ``<slice>_mgr`` accounts),
     ``ca`` (PEM path: engines check callers' signatures; None: they accept unsigned requests),
-    ``extra`` (more ``dsmt-engine`` arguments, e.g. ``--package-root``)."""
+    ``http`` (engines also serve SOAP/HTTP on a loopback port the kernel picks; its URL is written to
+    ``~/.dsmt/engine.sqlite.url``), ``extra`` (more ``dsmt-engine`` arguments, e.g. ``--package-root``)."""
 
     router: str
     password: str | None = None
     ca: str | None = None
+    http: bool = False
     extra: Sequence[str] = ()
 
 
@@ -77,6 +79,8 @@ class EngineBootstrap:
                 "--descriptors", os.path.join(engine, "descriptors"), "--router", self.settings.router,
                 "--password-file", os.path.join(engine, "psepr.pw")]
         argv += ["--ca", self.settings.ca] if self.settings.ca else ["--allow-unsigned"]
+        if self.settings.http:
+            argv += ["--http", "tcp:0:interface=127.0.0.1"]
         return argv + list(self.settings.extra)
 
     def start(self, slice_name: str) -> int | None:

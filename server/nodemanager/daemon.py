@@ -253,7 +253,9 @@ class _NodeOptions(HostingOptions):
         ["engine-ca", None, None, "CA the engines check callers' signatures with (default: none: they accept "
                                   "unsigned requests)"],
     ]
-    optFlags = [["engine", None, "start the deployment engine (twistd dsmt-engine) in every new sliver"]]
+    optFlags = [["engine", None, "start the deployment engine (twistd dsmt-engine) in every new sliver"],
+                ["engine-http", None, "the engines also serve SOAP/HTTP on a loopback port (its URL in the "
+                                      "sliver's ~/.dsmt/engine.sqlite.url)"]]
 
     def postOptions(self):
         super().postOptions()
@@ -358,7 +360,7 @@ def _bootstrap(options, node, connection):
         return None
     from dsmt.server.nodemanager.bootstrap import EngineBootstrap, EngineSettings
     settings = EngineSettings(router=options["engine-router"], password=options["engine-password"],
-                              ca=options["engine-ca"], extra=options["engine-args"])
+                              ca=options["engine-ca"], http=bool(options["engine-http"]), extra=options["engine-args"])
     return EngineBootstrap(node.backend, node.node, settings, _publisher(connection, node.node))
 
 

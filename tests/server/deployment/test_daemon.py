@@ -144,6 +144,8 @@ class Live(unittest.TestCase):
         yield service_host.hosted[0].endpoint.start()
         (port,) = yield service_host.when_listening()
         service_host.url = f"http://127.0.0.1:{port}/deployment"
+        with open(options["state"] + daemon.ENDPOINT_SUFFIX) as written:   # where a node manager finds it
+            assert written.read() == service_host.url + "\n"
         return service_host
 
     @defer.inlineCallbacks

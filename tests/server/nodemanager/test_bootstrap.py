@@ -86,3 +86,12 @@ def test_ensure_restarts_only_a_dead_engine(tmp_path):
         handle.write(f"{os.getpid()} 1\n")               # the recorded process is gone (its number reused)
     assert bootstrap.ensure("xyz1") == os.getpid() and len(backend.started) == 2
     assert open(os.path.join(backend.home("xyz1"), ENGINE_DIR, "psepr.pw")).read() == "s3cret\n"
+
+
+def test_engines_with_http_listen_on_loopback_only(tmp_path):
+    backend = Recording(str(tmp_path / "slivers"))
+    backend.recover()
+    backend.create("xyz1", None)
+    EngineBootstrap(backend, "n1.test", EngineSettings(router="psepr://r:1", http=True), lambda event: None).start("xyz1")
+    argv = backend.started[0][1]
+    assert argv[argv.index("--http") + 1] == "tcp:0:interface=127.0.0.1"
