@@ -83,6 +83,7 @@ from dsmt.transports.soap import HTTP_TRANSPORT, PSEPR_TRANSPORT
 from dsmt.transports.soap.core import SOAP11, SOAP12, SoapCore, SoapLimits, SoapVersion
 
 __all__ = ["HostingOptions", "ServiceHost", "HostedService", "host_service", "caller_subject", "read_password",
+           "event_publisher",
            "stop_daemon_failed", "CANNOT_SERVE_STATUS",
            "resource_path"]
 
@@ -99,6 +100,27 @@ def stop_daemon_failed(reactor, status: int = CANNOT_SERVE_STATUS) -> None:
     reactor's shutdown triggers ran (twistd itself would exit 0)."""
     reactor.addSystemEventTrigger("after", "shutdown", os._exit, status)
     reactor.callWhenRunning(reactor.stop)
+
+
+def event_publisher(connection, logger: Logger, who: str | None = None):
+    """The ``publish(event)`` of a daemon that reports over PsEPR: sent on ``connection``, or only logged
+    when the daemon has none (no ``--router``).  A send that fails (``SendQueueFull`` while the router is
+    away) is logged, never raised: status events are re-sent at an interval, so the next one catches up.
+    ``who`` prefixes the log lines (a farm's node name)."""
+    prefix = f"{who}: " if who else ""
+
+    def publish(event) -> None:
+        payload = event.payload
+        if connection is None:
+            logger.info("{prefix}{channel} {field}={value}", prefix=prefix, channel=event.channel,
+                        field=getattr(payload, "field", "?"), value=getattr(payload, "value", ""))
+            return
+        try:
+            connection.send(event)
+        except Exception as exc:
+            logger.warn("{prefix}event not sent ({error}): {value}", prefix=prefix, error=exc,
+                        value=getattr(payload, "value", ""))
+    return publish
 
 
 def caller_subject(ctx) -> str | None:

@@ -42,7 +42,7 @@ from twisted.python import usage
 from dsmt.server.agent.core import (
     DEFAULT_TICKET_VALIDITY, MAX_NODES, MAX_SLOTS, MAX_TICKET_VALIDITY, Agent, NodeRegistry, RegistryError)
 from dsmt.server.agent.service import HTTP_PATH, NAME, PSEPR_SERVICE, TNS, agent_service
-from dsmt.server.hosting import stop_daemon_failed, HostingOptions, ServiceHost, host_service
+from dsmt.server.hosting import HostingOptions, ServiceHost, host_service, stop_daemon_failed
 from dsmt.server.manage.wsdm import ManageableResource, OperationalStatus, resource_id_for
 
 __all__ = ["DEFAULT_DB", "MAX_NODES_FILE_BYTES", "SqliteRegistry", "AgentResource", "read_nodes_file", "Options",

@@ -67,7 +67,7 @@ from dsmt.server.deployment.lifecycle import FAILED, PROGRESS, TERMINATED
 from dsmt.server.deployment.service import (
     HTTP_PATH, NAME, PSEPR_SERVICE, TNS, Operations, StagedDescriptors, deployment_service, psepr_service_for,
 )
-from dsmt.server.hosting import HostingOptions, ServiceHost, stop_daemon_failed
+from dsmt.server.hosting import HostingOptions, ServiceHost, event_publisher, stop_daemon_failed
 from dsmt.server.manage.wsdm import ManageableResource, OperationalStatus, resource_id_for
 from dsmt.server.statusevents import (
     DEPLOYMENT_AGENT, SLIVER_BOOTSTRAP, STATUS_EXPIRE, deployment_status, manager_service,
@@ -133,18 +133,6 @@ class Options(HostingOptions):
 
 
 # ------------------------------------------------------------------ the daemon
-
-def _publisher(connection):
-    def publish(event) -> None:
-        if connection is None:
-            log.info("{channel} {value}", channel=event.channel, value=event.payload.value)
-            return
-        try:
-            connection.send(event)
-        except Exception as exc:  # SendQueueFull while the router is away: the status is re-sent later
-            log.warn("event not sent ({error}): {value}", error=exc, value=event.payload.value)
-    return publish
-
 
 class EngineDaemon(service.Service):
     """Start-up, the bootstrap status and the command channel (module docstring).
@@ -288,7 +276,7 @@ def makeService(options: Options, reactor=None) -> ServiceHost:
     from dsmt.server.deployment.store import Store
     connection = options.new_connection()
     store = Store(options["state"])
-    engine = Engine(options["slice"], options["host"], options["home"], store, _publisher(connection),
+    engine = Engine(options["slice"], options["host"], options["home"], store, event_publisher(connection, log),
                     reactor=reactor, fetcher=Fetcher(reactor=reactor, file_roots=tuple(options["package-root"])),
                     resend_interval=options["resend-interval"])
     operations = Operations(engine, StagedDescriptors(options["descriptors"]))

@@ -49,7 +49,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python import usage
 
-from dsmt.server.hosting import stop_daemon_failed, HostingOptions, ServiceHost
+from dsmt.server.hosting import HostingOptions, ServiceHost, event_publisher, stop_daemon_failed
 from dsmt.server.manage.wsdm import ManageableResource, OperationalStatus, resource_id_for
 
 __all__ = ["NodeManagerOptions", "FarmOptions", "NodeManagerResource", "NodeManagerService", "build_node",
@@ -150,19 +150,6 @@ class _Poking:
         return call
 
 
-def _publisher(connection, node_name: str):
-    def publish(event) -> None:
-        if connection is None:
-            log.info("{node}: {channel} {value}", node=node_name, channel=event.channel, value=event.payload.value)
-            return
-        try:
-            connection.send(event)
-        except Exception as exc:  # SendQueueFull while the router is away: the status is re-sent later
-            log.warn("{node}: event not sent ({error}): {value}", node=node_name, error=exc,
-                     value=event.payload.value)
-    return publish
-
-
 def build_node(node_name: str, state_dir: str, ticket_trust, *, capacity: int, connection=None,
                clock=time.time, max_lease_seconds: int | None = None, issuers=None):
     """A :class:`~dsmt.server.nodemanager.node.NodeService` over ``state_dir`` (created if missing)."""
@@ -175,7 +162,7 @@ def build_node(node_name: str, state_dir: str, ticket_trust, *, capacity: int, c
     manager = NodeManager(node_name, ticket_trust, store, clock, capacity_slots=capacity,
                           max_lease_seconds=max_lease_seconds or DEFAULT_MAX_LEASE_SECONDS, issuers=issuers)
     return NodeService(manager, DirectorySandbox(os.path.join(state_dir, "slivers")),
-                       _publisher(connection, manager.node_address))
+                       event_publisher(connection, log, manager.node_address))
 
 
 class NodeManagerService(service.Service):
@@ -361,7 +348,7 @@ def _bootstrap(options, node, connection):
     from dsmt.server.nodemanager.bootstrap import EngineBootstrap, EngineSettings
     settings = EngineSettings(router=options["engine-router"], password=options["engine-password"],
                               ca=options["engine-ca"], http=bool(options["engine-http"]), extra=options["engine-args"])
-    return EngineBootstrap(node.backend, node.node, settings, _publisher(connection, node.node))
+    return EngineBootstrap(node.backend, node.node, settings, event_publisher(connection, log, node.node))
 
 
 def _signer(options):

@@ -77,7 +77,8 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from dsmt.server.agent.tickets import TicketError, parse_ticket
-from dsmt.server.hosting import stop_daemon_failed, HostingOptions, ServiceHost, host_service, read_password
+from dsmt.server.hosting import HostingOptions, ServiceHost, event_publisher, host_service, read_password, \
+    stop_daemon_failed
 from dsmt.server.manage.wsdm import ManageableResource, OperationalStatus, resource_id_for
 from dsmt.server.refusal import Refusal
 from dsmt.server.slicemanager.calls import TIMEOUT, AgentCallError, CallOptions, NodeCallError, NodeRequest, \
@@ -170,14 +171,9 @@ class LiveContainers(service.Service):
     # ------------------------------------------------------------ publishing
 
     def publish(self, event) -> None:
-        if self.connection is None:
-            log.info("{channel} {field}={value}", channel=event.channel, field=event.payload.field,
-                     value=event.payload.value)
-            return
-        try:
-            self.connection.send(event)
-        except Exception as exc:  # SendQueueFull while the router is away: the next refresh re-sends it
-            log.warn("event not sent ({error}): {value}", error=exc, value=event.payload.value)
+        """Sent on the daemon's connection (set once the host is built), else logged; a failed send waits for
+        the next refresh."""
+        event_publisher(self.connection, log)(event)
 
     def container(self, slice_name: str) -> ContainerManager:
         """The slice's container manager, made on first use (keep_size: the spec's numnodes)."""
