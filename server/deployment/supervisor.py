@@ -41,7 +41,8 @@ from twisted.internet import defer, protocol
 
 from dsmt.server.deployment.descriptor import Command, Limits, RestartPolicy, StopSpec, substitute
 from dsmt.server.nodemanager.sliver import (
-    LAUNCHER, DEFAULT_PATH, MAX_ARGV_BYTES, DirectorySandbox, ResourceLimits, limit_argument, process_start_time,
+    LAUNCHER, DEFAULT_PATH, MAX_ARGV_BYTES, DirectorySandbox, ResourceLimits, limit_argument, process_alive,
+    process_start_time,
 )
 from dsmt.server.refusal import Refusal
 
@@ -82,20 +83,6 @@ def inside_home(home: str, relative: str | None, what: str = "path") -> str:
     if os.path.commonpath([root, path]) != root:
         raise ProcessError("path-escape", f"{what} {relative!r} leads out of the sliver (to {path})")
     return path
-
-
-def process_alive(pid: int | None, started: str | None) -> bool:
-    """True if ``pid`` runs and started at ``started`` (``/proc/<pid>/stat``): the same process."""
-    if not pid or not started or started == "-":
-        return False
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as handle:
-            text = handle.read()
-        if text[text.rindex(b")") + 2:].split()[0] in (b"Z", b"X"):
-            return False           # dead, not yet reaped by its parent
-    except (OSError, ValueError, IndexError):
-        return False
-    return process_start_time(pid) == started
 
 
 @dataclass(frozen=True)

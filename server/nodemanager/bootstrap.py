@@ -93,13 +93,12 @@ class EngineBootstrap:
 
     def _alive(self, engine: str) -> bool:
         """Whether the recorded engine process exists, is the one recorded (start time) and is no zombie."""
+        from dsmt.server.nodemanager.sliver import process_alive
         try:
             with open(os.path.join(engine, "engine.pid"), encoding="ascii") as handle:
                 pid, started = handle.read().split()
-            with open(f"/proc/{int(pid)}/stat", "rb") as handle:
-                fields = handle.read().rsplit(b")", 1)[1].split()
-            return fields[0] != b"Z" and fields[19].decode("ascii") == started
-        except (OSError, ValueError, IndexError):
+            return process_alive(int(pid), started)
+        except (OSError, ValueError):
             return False
 
     def _start(self, slice_name: str, *, fresh: bool) -> int | None:

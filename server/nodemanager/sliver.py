@@ -100,6 +100,7 @@ __all__ = [
     "SliverBackend", "DirectorySandbox", "SliverError", "ResourceLimits", "RecoveryReport",
     "NO_SLIVER", "EXISTS", "INVALID_NAME", "TOO_MANY_KEYS", "BACKEND",
     "MAX_USER_KEYS", "KILL_WAIT_SECONDS", "LAUNCH_TIMEOUT_SECONDS", "DEFAULT_PATH", "MAX_ARGV_BYTES",
+    "LAUNCHER", "limit_argument", "process_start_time", "process_alive",
 ]
 
 NO_SLIVER = "no-sliver"
@@ -286,6 +287,20 @@ def process_start_time(pid: int) -> str:
         return text[text.rindex(b")") + 2:].split()[19].decode("ascii")
     except (ValueError, IndexError):
         return "-"
+
+
+def process_alive(pid: int | None, started: str | None) -> bool:
+    """True if ``pid`` runs and started at ``started`` (``/proc/<pid>/stat``): the same process."""
+    if not pid or not started or started == "-":
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            text = handle.read()
+        if text[text.rindex(b")") + 2:].split()[0] in (b"Z", b"X"):
+            return False           # dead, not yet reaped by its parent
+    except (OSError, ValueError, IndexError):
+        return False
+    return process_start_time(pid) == started
 
 
 def limit_argument(limits: "ResourceLimits") -> str:
