@@ -233,6 +233,14 @@ class HttpAgentCalls:
         return self._run("Release", {"ticketId": list(ticket_ids)}, int)
 
 
+def _call_node(zeep: Contract, contract: NodeContract, operation: str, address: str,
+               request: NodeRequest) -> defer.Deferred:
+    """One node's call at ``address``: its outcome value, or a failure that is a NodeCallError."""
+    call = zeep.call(address, operation, contract.arguments(operation, request.kwargs))
+    call.addCallback(lambda value: contract.outcome(operation, value, request.node))
+    return call.addErrback(lambda failure: defer.fail(_failure(failure.value, request.node, NodeCallError)))
+
+
 class HttpCalls:
     """A :class:`NodeContract`'s service at each request's endpoint URL over SOAP/HTTP, one call per node
     (bounded by ``parallelism``)."""
@@ -249,9 +257,7 @@ class HttpCalls:
         def call_one(request: NodeRequest) -> defer.Deferred:
             if not request.endpoint.startswith(("http://", "https://")):
                 return defer.fail(NodeCallError(UNREACHABLE, f"no HTTP endpoint known for {request.node}"))
-            call = self._zeep.call(request.endpoint, operation, contract.arguments(operation, request.kwargs))
-            call.addCallback(lambda value, node=request.node: contract.outcome(operation, value, node))
-            return call.addErrback(lambda failure: defer.fail(_failure(failure.value, request.node, NodeCallError)))
+            return _call_node(self._zeep, contract, operation, request.endpoint, request)
 
         return run_each(call_one, operation, requests, parallelism=parallelism,
                         timeout=DEFAULT_TIMEOUT if timeout is None else timeout, on_result=on_result,
@@ -297,10 +303,7 @@ class PsEPRCalls:
             return self._multicast(operation, requests, seconds, on_result)
 
         def call_one(request: NodeRequest) -> defer.Deferred:
-            call = self._zeep.call(contract.psepr_address(request.node), operation,
-                                   contract.arguments(operation, request.kwargs))
-            call.addCallback(lambda value, node=request.node: contract.outcome(operation, value, node))
-            return call.addErrback(lambda failure: defer.fail(_failure(failure.value, request.node, NodeCallError)))
+            return _call_node(self._zeep, contract, operation, contract.psepr_address(request.node), request)
 
         return run_each(call_one, operation, requests, parallelism=parallelism, timeout=seconds,
                         on_result=on_result, clock=self._reactor, check=contract.check)
