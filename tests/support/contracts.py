@@ -71,3 +71,21 @@ def post_soap11(url: str, body: bytes):
     from dsmt.transports.soap.core import SOAP11
     return treq.post(url, data=body, headers={"content-type": SOAP11.content_type},
                      pool=HTTPConnectionPool(reactor, persistent=False)).addCallback(treq.content)
+
+
+def committed_client(name: str):
+    """A synchronous zeep client of the committed ``wsdl/<name>.wsdl`` that accepts the PsEPR port too (every
+    dsmt WSDL declares an HTTP and a PsEPR port)."""
+    import zeep
+
+    from dsmt.transports.soap import PSEPR_TRANSPORT
+    from dsmt.transports.soap.zeepsupport import binding_classes, make_client
+    transport = zeep.Transport()
+    transport.binding_classes = binding_classes(PSEPR_TRANSPORT)
+    return make_client(wsdl_file(name), transport)
+
+
+def port_addresses(client) -> dict:
+    """``{port name: (transport URI, address)}`` of a zeep client's WSDL."""
+    return {port.name: (port.binding.transport, port.binding_options["address"])
+            for service in client.wsdl.services.values() for port in service.ports.values()}

@@ -13,6 +13,24 @@ from pathlib import Path
 
 from dsmt.client.testbed import child_environment, free_port
 
-__all__ = ["TWISTD", "child_environment", "free_port"]
+__all__ = ["TWISTD", "child_environment", "free_port", "start_twistd"]
 
 TWISTD = Path(sys.executable).parent / "twistd"
+
+
+def start_twistd(case, argv, *, cwd, log):
+    """``twistd -n <argv>`` as a child of trial test ``case``, output to ``log``; (process, Deferred of its exit).
+    The child is killed at the test's cleanup if it still runs."""
+    import subprocess
+
+    from twisted.internet import threads
+    process = subprocess.Popen([str(TWISTD), "-n", "--pidfile=", "--logfile=-", *argv], cwd=cwd,
+                               env=child_environment(), stdout=log, stderr=subprocess.STDOUT)
+    exited = threads.deferToThread(process.wait)
+
+    def stop():
+        if process.poll() is None:
+            process.kill()
+        return exited
+    case.addCleanup(stop)
+    return process, exited

@@ -19,7 +19,7 @@ from dsmt.server.agent.core import MAX_SLOTS, NodeAd, RegistryError
 from dsmt.server.agent.service import NAME, TNS
 from dsmt.transports.soap import pki
 from dsmt.transports.soap.wssec import Signer, SigningTransport, Verifier
-from tests.support.processes import TWISTD, child_environment, free_port
+from tests.support.processes import TWISTD, child_environment, free_port, start_twistd
 
 from .support import NOW, parties, pem_key
 
@@ -134,18 +134,11 @@ class AgentDaemonTests(unittest.TestCase):
         self.addCleanup(self.log.close)
 
     def start_daemon(self):
-        process = self.process = subprocess.Popen(
-            [str(TWISTD), "-n", "--pidfile=", "--logfile=-", "dsmt-agent", "--key", self.agent_files.key,
-             "--cert", self.agent_files.certificate, "--ca", self.ca, "--allow-unsigned", "--nodes", self.nodes,
-             "--http", f"tcp:{self.port}:interface=127.0.0.1", "--db", "agent.sqlite"],
-            cwd=self.workdir, env=child_environment(), stdout=self.log, stderr=subprocess.STDOUT)
-        exited = threads.deferToThread(process.wait)
-
-        def stop():
-            if process.poll() is None:
-                process.kill()
-            return exited
-        self.addCleanup(stop)
+        process, exited = start_twistd(self, [
+            "dsmt-agent", "--key", self.agent_files.key, "--cert", self.agent_files.certificate, "--ca", self.ca,
+            "--allow-unsigned", "--nodes", self.nodes, "--http", f"tcp:{self.port}:interface=127.0.0.1",
+            "--db", "agent.sqlite"], cwd=self.workdir, log=self.log)
+        self.process = process
         return process, exited
 
     def service(self, signed: bool):

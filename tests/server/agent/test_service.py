@@ -21,8 +21,8 @@ from dsmt.transports.psepr_soap import PsEPRTransport
 from dsmt.transports.soap import HTTP_TRANSPORT, PSEPR_TRANSPORT, wssec
 from dsmt.transports.soap.core import SOAP11
 from dsmt.transports.soap.pki import Purpose
-from dsmt.transports.soap.zeepsupport import bind, binding_classes, make_client
-from tests.support.contracts import assert_served_wsdl_is_committed, wsdl_file, zeep_dump
+from dsmt.transports.soap.zeepsupport import bind, make_client
+from tests.support.contracts import assert_served_wsdl_is_committed, committed_client, port_addresses, wsdl_file, zeep_dump
 from tests.support.psepr import PASSWORD, RouterHarness, connect
 from tests.transports.soap.service import FaultView, assert_core_fault
 
@@ -241,10 +241,6 @@ def test_python_m_zeep_loads_the_committed_wsdl():
 
 
 def test_the_committed_wsdl_declares_an_http_and_a_psepr_port():
-    transport = zeep.Transport()
-    transport.binding_classes = binding_classes(PSEPR_TRANSPORT)
-    client = make_client(WSDL_FILE, transport)
-    ports = {port.name: (port.binding.transport, port.binding_options["address"])
-             for service in client.wsdl.services.values() for port in service.ports.values()}
+    ports = port_addresses(committed_client("agent"))
     assert ports == {"agent": (HTTP_TRANSPORT, "http://localhost:8090/agent"),
                      "agent_psepr": (PSEPR_TRANSPORT, "psepr:/org/dsmt/ns/soap/agent/")}

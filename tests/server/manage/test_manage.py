@@ -31,7 +31,8 @@ from dsmt.transports.psepr.event import Event
 from dsmt.transports.psepr_soap import PsEPRTransport, service_address
 from dsmt.transports.soap import HTTP_TRANSPORT, PSEPR_TRANSPORT
 from dsmt.transports.soap.core import SOAP11, SOAP12
-from dsmt.transports.soap.zeepsupport import bind, binding_classes, make_client
+from dsmt.transports.soap.zeepsupport import bind, make_client
+from tests.support.contracts import committed_client, port_addresses
 from tests.support.psepr import PASSWORD, RouterHarness, accounts_text, connect
 from tests.transports.soap.service import FaultView, assert_core_fault
 
@@ -472,11 +473,8 @@ def test_python_m_zeep_loads_the_committed_wsdl():
 
 
 def test_the_committed_wsdl_declares_an_http_and_a_psepr_port():
-    transport = zeep.Transport()
-    transport.binding_classes = binding_classes(PSEPR_TRANSPORT)
-    client = make_client(WSDL_FILE, transport)
-    ports = {port.name: (port.binding.transport, port.binding_options["address"])
-             for service in client.wsdl.services.values() for port in service.ports.values()}
+    client = committed_client("manageability")
+    ports = port_addresses(client)
     assert ports == {"manageability": (HTTP_TRANSPORT, "http://localhost:8081/manage"),
                      "manageability_psepr": (PSEPR_TRANSPORT, "psepr:/org/dsmt/ns/soap/manageability/")}
     for uri in (HTTP_TRANSPORT, PSEPR_TRANSPORT):

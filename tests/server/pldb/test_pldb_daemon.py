@@ -8,7 +8,7 @@ from twisted.trial import unittest
 
 from dsmt.client.pldb import query_pldb
 from dsmt.transports.psepr.event import Event
-from tests.support.processes import TWISTD, child_environment
+from tests.support.processes import TWISTD, child_environment, start_twistd
 from tests.support.psepr import PASSWORD, RouterHarness, connect
 
 #: Seconds the daemon may take to start answering queries.
@@ -35,18 +35,10 @@ class PldbDaemonTests(unittest.TestCase):
         self.addCleanup(self.client.close)
 
     def start_daemon(self):
-        process = self.process = subprocess.Popen(
-            [str(TWISTD), "-n", "--pidfile=", "--logfile=-", "pldb", "--router", self.router.url,
-             "--password-file", self.password_file, "--db", self.db, "--instance", "db1",
-             "--watch", "/org/dsmt/ns/deployment/"],
-            cwd=self.workdir, env=child_environment(), stdout=self.log, stderr=subprocess.STDOUT)
-        exited = threads.deferToThread(process.wait)
-
-        def stop():
-            if process.poll() is None:
-                process.kill()
-            return exited
-        self.addCleanup(stop)
+        process, exited = start_twistd(self, [
+            "pldb", "--router", self.router.url, "--password-file", self.password_file, "--db", self.db,
+            "--instance", "db1", "--watch", "/org/dsmt/ns/deployment/"], cwd=self.workdir, log=self.log)
+        self.process = process
         return process, exited
 
     @defer.inlineCallbacks
