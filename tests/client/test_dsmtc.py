@@ -18,6 +18,7 @@ from dsmt.server.statusevents import DEPLOYMENT_AGENT, SLIVER_BOOTSTRAP, SLIVER_
 from dsmt.transports.psepr.client import PsEPRConnection
 from dsmt.transports.psepr.event import Event
 from dsmt.transports.psepr.pldbwire import PldbAttr
+from tests.support.cli import Run
 from tests.server.deployment.test_remote import SLEEPER, Engines
 from tests.server.slicemanager.test_core import NODES, World, spec
 from tests.support.psepr import PASSWORD, connect, listen
@@ -155,15 +156,6 @@ def test_the_display_redraws_in_place_on_a_terminal_and_prints_lines_elsewhere()
 
 
 # ================================================================ arguments and exit statuses (no network)
-
-class Run:
-    def __init__(self, status, out, err):
-        self.status, self.out, self.err = status, out, err
-
-    @property
-    def lines(self):
-        return self.out.splitlines()
-
 
 def run_main(*argv, **kwargs) -> Run:
     out, err = io.StringIO(), io.StringIO()

@@ -8,16 +8,8 @@ import pytest
 
 from dsmt.client import svm
 from dsmt.server.slicemanager.calls import CallOptions
+from tests.support.cli import Run
 from tests.server.slicemanager.test_core import NODES, USER_KEY, World, spec
-
-
-class Run:
-    def __init__(self, status, out, err):
-        self.status, self.out, self.err = status, out, err
-
-    @property
-    def lines(self):
-        return self.out.splitlines()
 
 
 @pytest.fixture
