@@ -238,9 +238,7 @@ def main(argv=None, *, make_calls=make_calls, stdout=None, stderr=None, clock=ti
         agent = nodes = _NoCalls()
     else:
         try:
-            calls = make_calls(args)  # (agent, nodes) or (agent, nodes, close)
-            agent, nodes = calls[0], calls[1]
-            close = calls[2] if len(calls) > 2 else None
+            agent, nodes, close = make_calls(args)
         except ImportError as exc:
             return failed(f"the remote transports cannot be loaded ({exc})")
         except (Refusal, OSError, ValueError) as exc:

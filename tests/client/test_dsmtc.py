@@ -203,7 +203,7 @@ def test_create_is_svms_createslice_with_the_same_lines(tmp_path):
 
     def make_calls(args):
         made.append(args)
-        return world.agent, world.calls
+        return world.agent, world.calls, lambda: defer.succeed(None)
     result = run_main("--dir", str(tmp_path / "home"), "--agent", "http://agent.example/agent", "-t", "15",
                       "create", str(tmp_path / "oceanstore.xml"), make_calls=make_calls)
     assert result.status == 0 and sorted(result.lines) == [f"Success on {n}" for n in NODES]

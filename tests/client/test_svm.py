@@ -5,6 +5,7 @@ import io
 import os
 
 import pytest
+from twisted.internet import defer
 
 from dsmt.client import svm
 from dsmt.server.slicemanager.calls import CallOptions
@@ -23,7 +24,7 @@ def run(world, tmp_path):
 
     def fake_make_calls(args):
         made.append(svm.call_options(args))
-        return world.agent, world.calls
+        return world.agent, world.calls, lambda: defer.succeed(None)
 
     def run(*argv, agent="http://agent.example/agent"):
         out, err = io.StringIO(), io.StringIO()
