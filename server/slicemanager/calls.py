@@ -144,7 +144,8 @@ class NodeCalls(Protocol):
 
 @dataclass(frozen=True)
 class CallOptions:
-    """What ``svm`` tells the adapter factory (``remote.make_calls(options) -> (AgentCalls, NodeCalls)``).
+    """What ``svm`` tells the adapter factory
+    (``remote.make_calls(options) -> (AgentCalls, NodeCalls, close)``).
 
     ``transport``: ``http`` or ``psepr``; ``agent_url``: the agent's URL (HTTP);
     ``router``/``psepr_service``/``password_file``: the PsEPR login; ``cert``/``key``/``ca``: PEM files
