@@ -33,19 +33,17 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from xyz1_status_events import APPLICATION, HOSTS, SLICE, appconfig_event  # noqa: E402
+from xyz1_status_events import HOSTS, SLICE, appconfig_event  # noqa: E402
 
 from dsmt.client.testbed import Testbed, TestbedError, free_port  # noqa: E402
-from dsmt.server.statusevents import (  # noqa: E402
-    DEPLOYMENT_AGENT, SLIVER_BOOTSTRAP, SLIVER_MGR, manager_service, parse_pairs)
+from dsmt.client.dsmtc import render_table  # noqa: E402
+from dsmt.server.statusevents import DEPLOYMENT_AGENT, SLIVER_BOOTSTRAP, manager_service  # noqa: E402
 
 WORK = Path.cwd() / ".demo"
 CHANNEL = f"/org/dsmt/ns/deployment/{SLICE}/"
 #: Longest the whole scenario may take once the daemons run: each node installs in about a second; two
 #: minutes covers a loaded 2-core machine without hiding a hang.
 SCENARIO_TIMEOUT = 120.0
-#: The columns of the progress table: who reports, about what.
-COLUMNS = ((SLIVER_MGR, "container"), (SLIVER_BOOTSTRAP, "engine"), (DEPLOYMENT_AGENT, APPLICATION))
 
 
 def load_build():
@@ -56,28 +54,13 @@ def load_build():
     return module
 
 
-def states(events) -> dict[tuple[str, str], str]:
-    """(host, component) → the latest status among ``events`` (deployment-status values only)."""
-    table = {}
+def table_of(events):
+    """``dsmtc watch``'s node × component table folded from the listener's events."""
+    from dsmt.client.dsmtc import SliceTable
+    table = SliceTable(SLICE, HOSTS)
     for event in events:
-        payload = event.payload
-        if getattr(payload, "field", None) != "deployment-status":
-            continue
-        try:
-            pairs = parse_pairs(payload.value)
-        except ValueError:
-            continue
-        table[(pairs.get("hostname"), pairs.get("component"))] = pairs.get("status", "?")
+        table.apply(event)
     return table
-
-
-def render(table) -> str:
-    width = max(len(h) for h in HOSTS)
-    lines = [f"{'node':<{width}}  " + "  ".join(f"{title:<12}" for _, title in COLUMNS)]
-    for host in HOSTS:
-        lines.append(f"{host:<{width}}  " + "  ".join(f"{table.get((host, component), '-'):<12}"
-                                                        for component, _ in COLUMNS))
-    return "\n".join(lines)
 
 
 def healthy(url: str) -> bool:
@@ -156,8 +139,8 @@ def main() -> int:
         def wait(condition, what):
             shown = None
             while True:
-                table = states(listener.events())
-                text = render(table)
+                table = table_of(listener.events())
+                text = "\n".join(render_table(table))
                 if text != shown:
                     print("\n" + text, flush=True)
                     shown = text
@@ -167,12 +150,12 @@ def main() -> int:
                     raise TestbedError(f"{what}: not within {SCENARIO_TIMEOUT:g} s")
                 time.sleep(0.3)
 
-        wait(lambda t: all(t.get((h, SLIVER_BOOTSTRAP)) == "running" for h in HOSTS), "every engine running")
+        wait(lambda t: all(t.status(h, SLIVER_BOOTSTRAP) == "running" for h in HOSTS), "every engine running")
         ports = {host: free_port() for host in HOSTS}
         stage_and_configure(bed, Path(build.descriptor_path).read_bytes(), ports)
         print(f"\nAPPCONFIG sent to {len(HOSTS)} engines", flush=True)
-        wait(lambda t: all(t.get((h, DEPLOYMENT_AGENT)) in ("running", "failed") for h in HOSTS), "XYZ running")
-        table = states(listener.events())
+        wait(lambda t: all(t.status(h, DEPLOYMENT_AGENT) in ("running", "failed") for h in HOSTS), "XYZ running")
+        table = table_of(listener.events())
         urls = {host: f"http://127.0.0.1:{ports[host]}/health" for host in HOSTS}
         answers = {host: healthy(urls[host]) for host in HOSTS}
         listener.stop()
@@ -180,12 +163,12 @@ def main() -> int:
 
         print("\nRecap:")
         for host in HOSTS:
-            print(f"  {host:<28} XYZ {table.get((host, DEPLOYMENT_AGENT)):<8} health "
+            print(f"  {host:<28} XYZ {table.status(host, DEPLOYMENT_AGENT) or '-':<8} health "
                   f"{'ok' if answers[host] else 'NOT answering'}  ({urls[host]})")
         count = len(listener.events())
         print(f"{count} events received, kept in {WORK / 'xyz1-events.xml'}; "
               f"{time.monotonic() - started:.1f} s in all")
-        ok = all(answers.values()) and all(table.get((h, DEPLOYMENT_AGENT)) == "running" for h in HOSTS)
+        ok = all(answers.values()) and all(table.status(h, DEPLOYMENT_AGENT) == "running" for h in HOSTS)
         if not ok:
             print("demo failed: XYZ is not running and healthy on every node", file=sys.stderr)
         return 0 if ok else 1
