@@ -56,23 +56,22 @@ def deploy_all(bed, jobs, nodes, descriptor: bytes) -> dict:
     from twisted.internet import defer, task
 
     from dsmt.client.testbed import free_port
-    from dsmt.server.contracts import Contract
-    from dsmt.server.deployment.service import psepr_address
+    from dsmt.server.deployment.remote import HttpEngineCalls, PsEPREngineCalls
+    from dsmt.server.slicemanager.calls import NodeRequest
     from dsmt.server.statusevents import manager_service
-    from dsmt.transports.psepr.client import PsEPRConnection
     from dsmt.transports.http import TreqTransport
-    from dsmt.transports.psepr_soap import PSEPR_TRANSPORT, PsEPRTransport
-    from dsmt.transports.soap import HTTP_TRANSPORT
+    from dsmt.transports.psepr.client import PsEPRConnection
+    from dsmt.transports.psepr_soap import PsEPRTransport
     timings: dict = {}
 
     async def run(reactor):
         for transport, slice_name in jobs:
-            failed: list[str] = []
             began = time.perf_counter()
-            await run_one(transport, slice_name, failed)
+            failed = await run_one(transport, slice_name)
             timings[transport] = (time.perf_counter() - began, failed)
 
-    async def run_one(transport, slice_name, failed):
+    async def run_one(transport, slice_name) -> list[str]:
+        """The engines' own call adapters (what dsmtc and plans use), one request per node: its own port."""
         connection = PsEPRConnection.from_urls(bed.router_url, service=manager_service(slice_name),
                                                instance="bench-planner",
                                                password=bed.password_file.read_text().strip())
@@ -80,30 +79,23 @@ def deploy_all(bed, jobs, nodes, descriptor: bytes) -> dict:
         if transport == "psepr":
             carrier = PsEPRTransport(connection, timeout=300)
             await carrier.start()
-            contract = Contract("deployment", carrier, PSEPR_TRANSPORT)
-            address = {node: psepr_address(slice_name, node) for node in nodes}
+            calls = PsEPREngineCalls(carrier, slice_name)
         else:
             carrier = TreqTransport(timeout=300)
-            contract = Contract("deployment", carrier, HTTP_TRANSPORT)
-            address = {node: bed.engine_url(node, slice_name) for node in nodes}
-
-        async def one(node):
-            parameters = [{"name": "port", "value": str(free_port())}, {"name": "python", "value": sys.executable}]
-            try:
-                report = await contract.call(address[node], "Deploy",
-                                             {"descriptor": descriptor.decode(), "parameter": parameters})
-                if not report.ok:
-                    failed.append(node)
-            except Exception:
-                failed.append(node)
+            calls = HttpEngineCalls(carrier)
+        requests = [NodeRequest(node, bed.engine_url(node, slice_name) or "",
+                                {"descriptor": descriptor,
+                                 "parameters": {"port": str(free_port()), "python": sys.executable}})
+                    for node in nodes]
         try:
-            await defer.gatherResults([defer.ensureDeferred(one(node)) for node in nodes])
+            outcomes = await calls.run("Deploy", requests, parallelism=len(requests), timeout=300)
         finally:
             if transport == "psepr":
                 carrier.close()
             else:
                 await carrier.aclose()
             connection.close()
+        return [node for node, outcome in outcomes.items() if not getattr(outcome, "ok", False)]
 
     try:
         task.react(lambda reactor: defer.ensureDeferred(run(reactor)))
