@@ -72,14 +72,15 @@ def healthy(url: str) -> bool:
 
 
 def stage_and_configure(bed, descriptor: bytes, ports: dict[str, int]) -> None:
-    """Stage the descriptor on each engine (SOAP over PsEPR, signed? no: the engines accept unsigned), then
-    send the reference's APPCONFIG command to each host — all on one PsEPR connection as ``xyz1_mgr``."""
+    """Stage the descriptor on each engine (SOAP over PsEPR through the engines' call adapters; the demo's
+    engines accept unsigned requests), then send the reference's APPCONFIG command to each host — all on one
+    PsEPR connection as ``xyz1_mgr``."""
     from twisted.internet import defer, task
 
-    from dsmt.server.contracts import Contract
-    from dsmt.server.deployment.service import psepr_address
+    from dsmt.server.deployment.remote import PsEPREngineCalls
+    from dsmt.server.slicemanager.calls import NodeCallError, NodeRequest
     from dsmt.transports.psepr.client import PsEPRConnection
-    from dsmt.transports.psepr_soap import PSEPR_TRANSPORT, PsEPRTransport
+    from dsmt.transports.psepr_soap import PsEPRTransport
     problems = []
 
     async def run(reactor):
@@ -89,12 +90,16 @@ def stage_and_configure(bed, descriptor: bytes, ports: dict[str, int]) -> None:
         await connection.connect(retry=False)
         transport = PsEPRTransport(connection, timeout=30)
         await transport.start()
-        contract = Contract("deployment", transport, PSEPR_TRANSPORT)
         try:
-            for host in HOSTS:
-                parameters = [{"name": "port", "value": str(ports[host])}, {"name": "python", "value": sys.executable}]
-                await contract.call(psepr_address(SLICE, host), "Stage",
-                                    {"descriptor": descriptor.decode("utf-8"), "parameter": parameters})
+            requests = [NodeRequest(host, "", {"descriptor": descriptor,
+                                               "parameters": {"port": str(ports[host]), "python": sys.executable}})
+                        for host in HOSTS]
+            staged = await PsEPREngineCalls(transport, SLICE).run("Stage", requests, parallelism=len(HOSTS),
+                                                                  timeout=30)
+            refused = {host: outcome for host, outcome in staged.items() if isinstance(outcome, NodeCallError)}
+            if refused:
+                host, error = next(iter(refused.items()))
+                raise TestbedError(f"{host}: {error.reason}")
             for host in HOSTS:
                 connection.send(appconfig_event(host))
             await connection.flush()
