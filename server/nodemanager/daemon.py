@@ -360,6 +360,7 @@ def _signer(options):
 
 
 def _public_url(options, path: str) -> str | None:
+    """The URL the options give the service at ``path`` (``--public-url``, or ``--public-base`` + path)."""
     if options.get("public-url"):
         return options["public-url"]
     if options.get("public-base"):
@@ -368,13 +369,9 @@ def _public_url(options, path: str) -> str | None:
 
 
 def _endpoint_for(options, host: ServiceHost, path: str):
+    """The endpoint registered and written to the nodes file: the public URL, else the listening port's."""
     def endpoint() -> str:
-        if options.get("public-url"):
-            return options["public-url"]
-        if options.get("public-base"):
-            return f"{options['public-base'].rstrip('/')}/{path}"
-        port = host.ports[0].getHost().port
-        return f"http://127.0.0.1:{port}/{path}"
+        return _public_url(options, path) or f"http://127.0.0.1:{host.ports[0].getHost().port}/{path}"
     return endpoint
 
 
