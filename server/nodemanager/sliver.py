@@ -812,8 +812,10 @@ class DirectorySandbox(SliverBackend):
         finally:
             os.close(top)
         signalled = 0
+        recorded: set[int] = set()
         try:
             for file_name, pgid, started in self._recorded_groups(run):
+                recorded.add(pgid)
                 if only is not None and pgid != only:
                     continue
                 try:
@@ -825,11 +827,11 @@ class DirectorySandbox(SliverBackend):
         finally:
             os.close(run)
         if only is None:
-            signalled += self._kill_strays(slice_name)
+            signalled += self._kill_strays(slice_name, recorded)
         self._reap(slice_name, only)
         return signalled
 
-    def _kill_strays(self, slice_name: str) -> int:
+    def _kill_strays(self, slice_name: str, recorded: set[int]) -> int:
         """SIGKILL the processes of this user whose working directory is inside the sliver but which left its
         recorded groups (a supervisor in the sliver starting its children in sessions of their own: the
         deployment engine does).  A process that also moved its working directory out escapes this backend;
@@ -845,8 +847,8 @@ class DirectorySandbox(SliverBackend):
             if not entry.isdigit() or int(entry) == me:
                 continue
             try:
-                if os.stat(f"/proc/{entry}").st_uid != os.getuid():
-                    continue
+                if os.stat(f"/proc/{entry}").st_uid != os.getuid() or os.getpgid(int(entry)) in recorded:
+                    continue                               # another user's, or a recorded group's (killed already)
                 cwd = os.readlink(f"/proc/{entry}/cwd") + os.sep
             except OSError:
                 continue                                   # gone meanwhile, or not ours to look at
