@@ -370,7 +370,8 @@ class Testbed:
     ``{n}`` (counting from 1 across farms) and ``{farm}`` (the farm's index).  ``node_names``: instead,
     one farm process per name, hosting that one node (real machines have one node manager each).
     ``engines``: node managers start the deployment engine in every new sliver (``--engine``);
-    ``engine_http``: the engines also serve SOAP/HTTP (:meth:`engine_url`).
+    ``engine_http``: the engines also serve SOAP/HTTP (:meth:`engine_url`); ``engine_args``: more
+    engine options of the node managers (e.g. ``["--engine-watch", "0.2"]``, ``["--engine-exec"]``).
     ``slice_manager``: also start ``twistd dsmt-slicemanager`` (its certificate ``service-slicemanager``,
     its slice directory ``DIR/slicemanager/``, the svm commands as a SOAP service at
     :attr:`slice_manager_url`), reaching the agent and nodes over HTTP.
@@ -381,7 +382,7 @@ class Testbed:
     def __init__(self, directory, *, nodes: int = 5, farms: int = 1, transport_router: bool = True,
                  capacity: int = 10, slice_manager: bool = False, ticket_validity: int | None = None,
                  node_pattern: str = "n{n:03d}.farm{farm}.test", node_names: Sequence[str] | None = None,
-                 engines: bool = False, engine_http: bool = False):
+                 engines: bool = False, engine_http: bool = False, engine_args: Sequence[str] = ()):
         from dsmt.server.nodemanager.daemon import MAX_FARM_NODES
         if node_names is not None:     # one farm (process) per named node, as on real machines
             nodes = farms = len(node_names)
@@ -389,6 +390,8 @@ class Testbed:
                 raise ValueError("node_names must be distinct names without braces")
         if engines and not transport_router:
             raise ValueError("engines report over PsEPR: they need the router")
+        if engine_args and not engines:
+            raise ValueError("engine_args without engines")
         if not 1 <= farms <= nodes:
             raise ValueError(f"farms must be 1..nodes ({nodes}), not {farms}")
         if nodes > farms * MAX_FARM_NODES:
@@ -401,6 +404,7 @@ class Testbed:
         self.ticket_validity = ticket_validity
         self.engines = engines
         self.engine_http = engine_http
+        self.engine_args = [str(arg) for arg in engine_args]
         self.pki = self.directory / "pki"
         self.home = self.directory / "home"
         self.password_file = self.directory / "psepr.pw"
@@ -514,7 +518,8 @@ class Testbed:
                      "--key", str(self.pki / "service-nodemanager.key"),
                      "--http", f"tcp:{port}:interface=127.0.0.1", "--agent", self.agent_url,
                      "--nodes-file", str(nodes_file)] + self._psepr_arguments()
-                    + (["--engine"] if self.engines else []) + (["--engine-http"] if self.engine_http else []))
+                    + (["--engine"] if self.engines else []) + (["--engine-http"] if self.engine_http else [])
+                    + self.engine_args)
         return Farm(index, names, state_dir, nodes_file, Daemon(name, self.directory, arguments))
 
     def start(self) -> "Testbed":

@@ -74,13 +74,24 @@ from dsmt.server.statusevents import (
 )
 
 __all__ = ["Options", "EngineDaemon", "EngineResource", "makeService", "COMMAND_LEASE_SECONDS",
-           "BOOTSTRAP_STATES"]
+           "BOOTSTRAP_STATES", "PRELOAD_MODULES"]
 
 log = Logger(namespace="dsmt.engine")
 
 #: Seconds asked for the command channel's lease; the connection renews it at 80 %, so this only bounds
 #: how long the router keeps delivering commands to an engine that died.
 COMMAND_LEASE_SECONDS = 600
+#: What an engine imports by the time it runs, beyond this module: the fork server that starts engines
+#: (``dsmt.server.nodemanager.forkserver``) imports these once, so a forked engine does not.  None of them
+#: may install a reactor at import (the fork server checks).  A module missing here is only imported by
+#: each engine itself: slower, never wrong.
+PRELOAD_MODULES = (
+    "dsmt.server.deployment.daemon", "dsmt.server.deployment.fetch", "dsmt.server.deployment.store",
+    "dsmt.server.manage.daemons", "dsmt.transports.http", "dsmt.transports.psepr_soap",
+    "dsmt.transports.psepr.backend_router", "dsmt.transports.soap.zeepsupport",
+    "twisted.application.internet", "twisted.application.strports", "twisted.internet.epollreactor",
+    "twisted.web.server", "twisted.web.client", "treq", "zeep", "sqlite3",
+)
 #: The engine's own installation, in the order it is published (reference 000's sliver-bootstrap).
 BOOTSTRAP_STATES = ("requested", "instantiated", "initialized", "installed", "running")
 

@@ -26,7 +26,12 @@ What a node manager does when started (:class:`NodeManagerService`):
    manager's events (reference 000) on its PsEPR connection;
 3. reap expired leases exactly when the earliest one ends (a timer re-armed
    after every change; no polling);
-4. once listening, register with ``--agent`` (``Register(node, capacity,
+4. with ``--engine``: start the deployment engine in every sliver CreateSliver
+   makes ``running`` (``dsmt.server.nodemanager.bootstrap``), forked from one
+   pre-imported fork server per process (``dsmt.server.nodemanager.forkserver``;
+   ``--engine-exec`` starts each as a fresh ``twistd`` instead), and watch the
+   engines of running slivers: one found dead is started again;
+5. once listening, register with ``--agent`` (``Register(node, capacity,
    endpoint)``), retried with backoff until the agent answers, and — farm —
    write ``--nodes-file`` (``node slots endpoint`` lines, the agent's
    ``--nodes`` format), which also tells a test that the farm is ready.
@@ -180,6 +185,7 @@ class NodeManagerService(service.Service):
         self.endpoint = endpoint  # a callable giving the endpoint URL once the host listens
         self.reaper = _Reaper(node, clock)
         self.registered = False
+        self._watch = None
         self.last_attempt: defer.Deferred | None = None  # the latest registration attempt (tests wait on it)
         self._retry = None
 
@@ -190,9 +196,17 @@ class NodeManagerService(service.Service):
             log.info("{node}: recovery: {slice}: {why}", node=self.node.node, slice=action.slice, why=action.why)
         self.reaper.poke()
         if self.bootstrap is not None:        # engines lost with the machine come back with the node manager
-            for sliver in self.node.list_slivers():
-                if sliver.state == "running":
-                    self.bootstrap.ensure(sliver.slice)
+            from twisted.internet.task import LoopingCall
+            self._watch = LoopingCall(self.watch_engines)
+            self._watch.clock = self.clock
+            self._watch.start(self.bootstrap.settings.watch_seconds, now=True)
+
+    def watch_engines(self) -> None:
+        """Start again the engines of running slivers that are gone (``EngineBootstrap.watch``)."""
+        try:
+            self.bootstrap.watch([sliver.slice for sliver in self.node.list_slivers() if sliver.state == "running"])
+        except Exception:  # the watch must keep running: one bad look is logged and the next one tries again
+            log.failure("{node}: watching the deployment engines failed", node=self.node.node)
 
     def register(self, delay: float = REGISTER_RETRY_FIRST) -> defer.Deferred:
         """Register with the agent (when one is configured), retrying with backoff until it answers."""
@@ -216,6 +230,8 @@ class NodeManagerService(service.Service):
 
     def stopService(self):
         self.reaper.stop()
+        if self._watch is not None and self._watch.running:
+            self._watch.stop()
         if self._retry is not None and self._retry.active():
             self._retry.cancel()
         return super().stopService()
@@ -239,8 +255,12 @@ class _NodeOptions(HostingOptions):
                                              "(default: --password-file's)"],
         ["engine-ca", None, None, "CA the engines check callers' signatures with (default: none: they accept "
                                   "unsigned requests)"],
+        ["engine-watch", None, None, "seconds between two looks for dead engines of running slivers (default 5)",
+         float],
     ]
     optFlags = [["engine", None, "start the deployment engine (twistd dsmt-engine) in every new sliver"],
+                ["engine-exec", None, "start each engine as a fresh twistd process instead of forking it from "
+                                      "a pre-imported fork server (slower; the fork server is the default)"],
                 ["engine-http", None, "the engines also serve SOAP/HTTP on a loopback port (its URL in the "
                                       "sliver's ~/.dsmt/engine.sqlite.url)"]]
 
@@ -258,6 +278,11 @@ class _NodeOptions(HostingOptions):
             raise usage.UsageError(str(exc))
         self["engine-args"] = []
         self["engine-router"] = self["engine-router"] or self["router"]
+        from dsmt.server.nodemanager.bootstrap import WATCH_SECONDS
+        if self["engine-watch"] is None:
+            self["engine-watch"] = WATCH_SECONDS
+        elif not 0.1 <= self["engine-watch"] <= 3600:
+            raise usage.UsageError(f"--engine-watch must be 0.1..3600 seconds, not {self['engine-watch']:g}")
         if self["engine"]:
             from dsmt.transports.psepr.accounts import read_password
             if not self["engine-router"]:
@@ -315,16 +340,48 @@ class FarmOptions(_NodeOptions):
 
 # ------------------------------------------------------------------ assembly
 
+class ForkServerService(service.Service):
+    """Runs the process's engine fork server (``dsmt.server.nodemanager.forkserver``) with the host: started
+    with it, so its imports are done before the first sliver needs an engine; stopped with it (the
+    engines it started keep running, as exec'd ones do)."""
+
+    def __init__(self, fork_server):
+        self.fork_server = fork_server
+
+    def startService(self):
+        super().startService()
+        try:
+            self.fork_server.start()
+        except OSError as exc:  # engines are then exec'd (EngineBootstrap falls back)
+            log.error("the engine fork server did not start: {error}", error=exc)
+
+    def stopService(self):
+        self.fork_server.close()
+        return super().stopService()
+
+
+def _fork_server(options):
+    """The engine fork server all node managers of this process share, when engines are started by fork."""
+    if not options["engine"] or options["engine-exec"]:
+        return None
+    from dsmt.server.deployment.daemon import PRELOAD_MODULES
+    from dsmt.server.nodemanager.forkserver import ForkServer
+    return ForkServer(PRELOAD_MODULES)
+
+
 def _host_nodes(options, names: list[str], state_dirs: list[str], paths: list[str], reactor) -> ServiceHost:
     from dsmt.server.nodemanager.service import SERVICE_NAME, TNS, nodemanager_service
     host = ServiceHost(http=options["http"], soap_version=options["soap-version"], reactor=reactor)
+    fork_server = _fork_server(options)
+    if fork_server is not None:
+        ForkServerService(fork_server).setServiceParent(host)
     top_nodes = []
     for name, state_dir, path in zip(names, state_dirs, paths):
         connection = options.new_connection(instance=name)
         node = build_node(name, state_dir, options["ticket-trust"], capacity=options["capacity"],
                           connection=connection, clock=reactor.seconds, max_lease_seconds=options["max-lease"],
                           issuers=[options["issuer"]] if options["issuer"] else None)
-        bootstrap = _bootstrap(options, node, connection)
+        bootstrap = _bootstrap(options, node, connection, fork_server)
         runner = NodeManagerService(node, None, clock=reactor, agent=options["agent"], capacity=options["capacity"],
                                     signer=_signer(options), bootstrap=bootstrap)
         resource = NodeManagerResource(node, state_dir, running=lambda runner=runner: runner.running)
@@ -341,14 +398,16 @@ def _host_nodes(options, names: list[str], state_dirs: list[str], paths: list[st
     return host
 
 
-def _bootstrap(options, node, connection):
+def _bootstrap(options, node, connection, fork_server=None):
     """The sliver bootstrap when ``--engine`` asks for it (``dsmt.server.nodemanager.bootstrap``)."""
     if not options["engine"]:
         return None
     from dsmt.server.nodemanager.bootstrap import EngineBootstrap, EngineSettings
     settings = EngineSettings(router=options["engine-router"], password=options["engine-password"],
-                              ca=options["engine-ca"], http=bool(options["engine-http"]), extra=options["engine-args"])
-    return EngineBootstrap(node.backend, node.node, settings, event_publisher(connection, log, node.node))
+                              ca=options["engine-ca"], http=bool(options["engine-http"]), extra=options["engine-args"],
+                              watch_seconds=options["engine-watch"])
+    return EngineBootstrap(node.backend, node.node, settings, event_publisher(connection, log, node.node),
+                           spawner=fork_server)
 
 
 def _signer(options):

@@ -100,7 +100,8 @@ __all__ = [
     "SliverBackend", "DirectorySandbox", "SliverError", "ResourceLimits", "RecoveryReport",
     "NO_SLIVER", "EXISTS", "INVALID_NAME", "TOO_MANY_KEYS", "BACKEND",
     "MAX_USER_KEYS", "KILL_WAIT_SECONDS", "LAUNCH_TIMEOUT_SECONDS", "DEFAULT_PATH", "MAX_ARGV_BYTES",
-    "LAUNCHER", "limit_argument", "process_start_time", "process_alive",
+    "LAUNCHER", "limit_argument", "process_start_time", "process_alive", "Spawner", "StartedProcess",
+    "SpawnerUnavailable", "ExecSpawner", "EXEC",
 ]
 
 NO_SLIVER = "no-sliver"
@@ -236,8 +237,10 @@ class SliverBackend(abc.ABC):
         """The user keys, in the order they were added."""
 
     @abc.abstractmethod
-    def start(self, slice_name: str, argv: list[str], env: dict | None = None) -> int:
-        """Start ``argv`` in the sliver in a new process group; return its pid (= its group id)."""
+    def start(self, slice_name: str, argv: list[str], env: dict | None = None, *,
+              spawner: "Spawner | None" = None) -> int:
+        """Start ``argv`` in the sliver in a new process group; return its pid (= its group id).  ``spawner``
+        (default :data:`EXEC`) makes the process."""
 
     @abc.abstractmethod
     def stop(self, slice_name: str) -> int:
@@ -315,6 +318,98 @@ def limit_argument(limits: "ResourceLimits") -> str:
     return ",".join(items)
 
 
+class StartedProcess(abc.ABC):
+    """A process a :class:`Spawner` started: ``pid`` (also its process group and session: it leads both)."""
+
+    pid: int
+
+    @abc.abstractmethod
+    def started(self) -> str | None:
+        """None once the command runs, else why it did not start (the process is then gone or exiting)."""
+
+    @abc.abstractmethod
+    def wait(self, timeout: float) -> None:
+        """Return once the process has exited; raise ``subprocess.TimeoutExpired`` after ``timeout`` seconds."""
+
+
+class SpawnerUnavailable(Exception):
+    """A spawner that cannot start anything now (nothing was started): the caller may use another.
+    Not an OSError, so :meth:`DirectorySandbox.start` passes it through instead of making it a refusal."""
+
+
+class Spawner(abc.ABC):
+    """How :meth:`DirectorySandbox.start` makes a sliver process, once the sandbox has checked the command,
+    built the environment and opened the log.  Contract of :meth:`spawn`: run ``argv`` as the leader of a new
+    session with cwd ``cwd``, exactly the environment ``env``, stdin from ``/dev/null``, stdout and stderr on
+    ``log_fd`` (the spawner does not close it) and the limits ``limits`` (:func:`limit_argument`'s string)
+    as soft and hard limits; raise OSError when this command could not be started, or
+    :class:`SpawnerUnavailable` when this spawner cannot start anything now.  Either way nothing runs."""
+
+    @abc.abstractmethod
+    def spawn(self, argv: list[str], env: dict, cwd: str, log_fd: int, limits: str) -> StartedProcess:
+        """Start ``argv`` as the contract above says."""
+
+
+class _LaunchedProcess(StartedProcess):
+    def __init__(self, popen: subprocess.Popen, report_fd: int):
+        self.pid, self._popen, self._report_fd = popen.pid, popen, report_fd
+
+    def started(self) -> str | None:
+        try:
+            return _await_exec(self._report_fd)
+        finally:
+            os.close(self._report_fd)
+
+    def wait(self, timeout: float) -> None:
+        self._popen.wait(timeout=timeout)
+
+
+class ExecSpawner(Spawner):
+    """Starts ``argv`` through :data:`LAUNCHER` (``python -I -S -c``: setrlimit, then exec): a fresh process
+    image per start.  An ``exec`` failure comes back through a close-on-exec pipe and :meth:`started`
+    reports it."""
+
+    def spawn(self, argv, env, cwd, log_fd, limits):
+        read_fd, write_fd = os.pipe()
+        try:
+            command = [sys.executable, "-I", "-S", "-c", LAUNCHER, str(write_fd), limits, *argv]
+            popen = subprocess.Popen(command, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=log_fd,
+                                     stderr=log_fd, start_new_session=True, pass_fds=(write_fd,))
+        except BaseException:
+            os.close(read_fd)
+            raise
+        finally:
+            os.close(write_fd)
+        return _LaunchedProcess(popen, read_fd)
+
+
+#: The spawner :meth:`DirectorySandbox.start` uses unless it is given another.
+EXEC = ExecSpawner()
+
+
+def _await_exec(read_fd: int) -> str | None:
+    """None once the launcher exec'd the command (its pipe end closed), else why it failed."""
+    deadline = time.monotonic() + LAUNCH_TIMEOUT_SECONDS
+    data = b""
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return f"the launcher did not start it within {LAUNCH_TIMEOUT_SECONDS:g} s"
+        ready, _, _ = select.select([read_fd], [], [], remaining)
+        if ready:
+            chunk = os.read(read_fd, 64)
+            if not chunk:
+                break
+            data += chunk
+    if not data:
+        return None
+    try:
+        number = int(data)
+    except ValueError:
+        number = 0
+    return os.strerror(number) if number else "the launcher failed"
+
+
 class DirectorySandbox(SliverBackend):
     """Slivers as directories under ``root`` (see the module docstring for layout and contracts).
 
@@ -330,7 +425,7 @@ class DirectorySandbox(SliverBackend):
                              "sliver; a directory sandbox runs all slivers under one uid, so it cannot apply it")
         self.root = os.path.abspath(root)
         self.limits = limits
-        self._children: dict[str, dict[int, subprocess.Popen]] = {}
+        self._children: dict[str, dict[int, StartedProcess]] = {}
 
     # -- paths ------------------------------------------------------------------------------------------
 
@@ -657,7 +752,8 @@ class DirectorySandbox(SliverBackend):
     def _limit_argument(self) -> str:
         return limit_argument(self.limits)
 
-    def start(self, slice_name: str, argv: list[str], env: dict | None = None) -> int:
+    def start(self, slice_name: str, argv: list[str], env: dict | None = None, *,
+              spawner: "Spawner | None" = None) -> int:
         slice_name = _check_name(slice_name)
         if not isinstance(argv, (list, tuple)) or not argv or not all(isinstance(arg, str) for arg in argv):
             raise SliverError(BACKEND, "a command must be a non-empty list of strings")
@@ -677,7 +773,7 @@ class DirectorySandbox(SliverBackend):
         log_name = os.path.basename(argv[0])
         log_name = log_name if _LOG_NAME.match(log_name) and not log_name.startswith(".") else "process"
         top = self._open_sliver(slice_name)
-        log_fd = read_fd = write_fd = None
+        log_fd = None
         try:
             home = self._open_dir(top, "home", f"{slice_name}/home")
             os.close(home)
@@ -688,12 +784,7 @@ class DirectorySandbox(SliverBackend):
             finally:
                 os.close(logs)
             environment["HOME"] = home_path = os.path.join(self.root, slice_name, "home")
-            read_fd, write_fd = os.pipe()
-            command = [sys.executable, "-I", "-S", "-c", LAUNCHER, str(write_fd), self._limit_argument(), *argv]
-            process = subprocess.Popen(command, cwd=home_path, env=environment, stdin=subprocess.DEVNULL,
-                                       stdout=log_fd, stderr=log_fd, start_new_session=True, pass_fds=(write_fd,))
-            os.close(write_fd)
-            write_fd = None
+            process = (spawner or EXEC).spawn(list(argv), environment, home_path, log_fd, self._limit_argument())
             self._children.setdefault(slice_name, {})[process.pid] = process
             try:
                 self._record_group(top, slice_name, process.pid)
@@ -701,43 +792,19 @@ class DirectorySandbox(SliverBackend):
                 os.killpg(process.pid, signal.SIGKILL)    # never leave a process that no record names
                 self._reap(slice_name, process.pid)
                 raise
-            failure = self._await_exec(read_fd)
+            failure = process.started()
         except FileNotFoundError as exc:
             raise SliverError(BACKEND, f"cannot start {argv[0]!r} in sliver {slice_name!r}: {exc.strerror}") from None
         except OSError as exc:
             raise SliverError(BACKEND, f"cannot start {argv[0]!r} in sliver {slice_name!r}: {exc}") from None
         finally:
-            for fd in (log_fd, read_fd, write_fd):
-                if fd is not None:
-                    os.close(fd)
+            if log_fd is not None:
+                os.close(log_fd)
             os.close(top)
         if failure is not None:
             self.stop(slice_name, only=process.pid)
             raise SliverError(BACKEND, f"cannot start {argv[0]!r} in sliver {slice_name!r}: {failure}")
         return process.pid
-
-    @staticmethod
-    def _await_exec(read_fd: int) -> str | None:
-        """None once the launcher exec'd the command (its pipe end closed), else why it failed."""
-        deadline = time.monotonic() + LAUNCH_TIMEOUT_SECONDS
-        data = b""
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return f"the launcher did not start it within {LAUNCH_TIMEOUT_SECONDS:g} s"
-            ready, _, _ = select.select([read_fd], [], [], remaining)
-            if ready:
-                chunk = os.read(read_fd, 64)
-                if not chunk:
-                    break
-                data += chunk
-        if not data:
-            return None
-        try:
-            number = int(data)
-        except ValueError:
-            number = 0
-        return os.strerror(number) if number else "the launcher failed"
 
     def _record_group(self, top_fd: int, slice_name: str, pgid: int) -> None:
         run = self._open_dir(top_fd, "run", f"{slice_name}/run")

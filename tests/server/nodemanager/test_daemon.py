@@ -41,6 +41,12 @@ def test_node_manager_options(ca_file):
     (["--node", "n1", "--allow-unsigned", "--http", LOCAL], "tickets are verified against a CA"),
     (["--node", "n1", "--ticket-ca", "CA", "--http", LOCAL], "--ca is needed"),
     (["--node", "n1", "--ticket-ca", "/nonexistent/ca.pem", "--allow-unsigned", "--http", LOCAL], "nonexistent"),
+    (["--node", "n1", "--ticket-ca", "CA", "--allow-unsigned", "--http", LOCAL, "--engine-watch", "0"],
+     "--engine-watch must be 0.1..3600 seconds, not 0"),
+    (["--node", "n1", "--ticket-ca", "CA", "--allow-unsigned", "--http", LOCAL, "--engine-watch", "nan"],
+     "--engine-watch must be"),
+    (["--node", "n1", "--ticket-ca", "CA", "--allow-unsigned", "--http", LOCAL, "--engine-watch", "x"],
+     "could not convert string to float: 'x'"),
 ])
 def test_node_manager_usage_errors(ca_file, argv, complaint):
     argv = [ca_file if word == "CA" else word for word in argv]
