@@ -47,7 +47,10 @@ Contracts and decisions:
   ``preexec_fn``, which CPython documents as unsafe when the parent has
   threads (the node manager runs Twisted thread pools).  An ``exec`` failure
   comes back through a close-on-exec pipe, so :meth:`start` raises it
-  (``backend``) instead of leaving a dead process.  The group id is recorded in
+  (``backend``) instead of leaving a dead process.  That launcher is the
+  default :class:`Spawner`; a caller may pass another with the same contract
+  (the node manager forks its engines from a pre-imported fork server,
+  ``dsmt.server.nodemanager.forkserver``).  The group id is recorded in
   ``run/`` with the leader's start time (``/proc/<pid>/stat``), so a recorded
   group whose number was reused by an unrelated process after a restart is
   never signalled.
