@@ -64,7 +64,7 @@ from typing import Iterable, Sequence
 
 from dsmt.server.nodemanager.sliver import (
     DEFAULT_PATH, LAUNCH_TIMEOUT_SECONDS, MAX_ARGV_BYTES, Spawner, SpawnerUnavailable, StartedProcess, process_alive,
-    process_start_time,
+    process_start_time, read_report,
 )
 
 __all__ = ["ForkServer", "ForkedProcess", "MessageReader", "ProtocolError", "encode_message", "serve",
@@ -229,18 +229,9 @@ def _child(argv, env, cwd, limits, log_fd: int, report_fd: int, keep_closed: Seq
 
 def _await_setup(report_fd: int) -> str | None:
     """None once the child closed its end without writing (set up), else what it reported."""
-    deadline = time.monotonic() + ANSWER_TIMEOUT_SECONDS
-    data = b""
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            return f"the forked child did not set up within {ANSWER_TIMEOUT_SECONDS:g} s"
-        ready, _, _ = select.select([report_fd], [], [], remaining)
-        if ready:
-            chunk = os.read(report_fd, 4096)
-            if not chunk:
-                break
-            data += chunk
+    data = read_report(report_fd, ANSWER_TIMEOUT_SECONDS)
+    if data is None:
+        return f"the forked child did not set up within {ANSWER_TIMEOUT_SECONDS:g} s"
     return data.decode("utf-8", "replace") or None
 
 

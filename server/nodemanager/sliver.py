@@ -104,7 +104,7 @@ __all__ = [
     "NO_SLIVER", "EXISTS", "INVALID_NAME", "TOO_MANY_KEYS", "BACKEND",
     "MAX_USER_KEYS", "KILL_WAIT_SECONDS", "LAUNCH_TIMEOUT_SECONDS", "DEFAULT_PATH", "MAX_ARGV_BYTES",
     "LAUNCHER", "limit_argument", "process_start_time", "process_alive", "Spawner", "StartedProcess",
-    "SpawnerUnavailable", "ExecSpawner", "EXEC",
+    "SpawnerUnavailable", "ExecSpawner", "EXEC", "read_report",
 ]
 
 NO_SLIVER = "no-sliver"
@@ -390,20 +390,29 @@ class ExecSpawner(Spawner):
 EXEC = ExecSpawner()
 
 
-def _await_exec(read_fd: int) -> str | None:
-    """None once the launcher exec'd the command (its pipe end closed), else why it failed."""
-    deadline = time.monotonic() + LAUNCH_TIMEOUT_SECONDS
+def read_report(read_fd: int, timeout: float, limit: int = 4096) -> bytes | None:
+    """What a starting child wrote to its report pipe before closing it (b"" once it closed its end
+    without writing: it started), at most ``limit`` bytes kept; None when it neither wrote nor closed
+    within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
     data = b""
     while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            return f"the launcher did not start it within {LAUNCH_TIMEOUT_SECONDS:g} s"
+            return None
         ready, _, _ = select.select([read_fd], [], [], remaining)
         if ready:
-            chunk = os.read(read_fd, 64)
+            chunk = os.read(read_fd, 4096)
             if not chunk:
-                break
-            data += chunk
+                return data
+            data = (data + chunk)[:limit]
+
+
+def _await_exec(read_fd: int) -> str | None:
+    """None once the launcher exec'd the command (its pipe end closed), else why it failed."""
+    data = read_report(read_fd, LAUNCH_TIMEOUT_SECONDS, 64)
+    if data is None:
+        return f"the launcher did not start it within {LAUNCH_TIMEOUT_SECONDS:g} s"
     if not data:
         return None
     try:
