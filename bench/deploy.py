@@ -13,7 +13,12 @@ package repository serving XYZ (``examples/xyz``).  Then, timed from this proces
   (each XYZ gets its own port), until every engine answered a report with XYZ running (download,
   unpack, configure, start, health check);
 
-printed side by side with the total, one row per transport (a fresh testbed for each).
+printed side by side with the total, one row per transport (a fresh testbed for each), with the engines'
+average memory after the deploy: RSS, and PSS (``/proc/<pid>/smaps_rollup``: shared pages divided among
+their sharers — forked engines share their imported modules with the fork server copy-on-write).
+
+``--engine-start exec`` makes the node managers start each engine as a fresh ``twistd``
+(``--engine-exec``) instead of forking it from their fork server (the default), for comparison.
 
 Bar (issue 5): 200 nodes created and deployed in ≤ 40 s on this 2-core machine.
 
@@ -104,13 +109,29 @@ def deploy_all(bed, jobs, nodes, descriptor: bytes) -> dict:
     return timings
 
 
-def measure(count: int, farms: int, directory: str, transports) -> dict:
+def engine_memory(bed, slice_name: str) -> tuple[float, float]:
+    """Average (RSS, PSS) in MB of the slice's engine processes, from /proc (0, 0 when none is readable)."""
+    rss, pss, seen = 0, 0, 0
+    for node in bed.nodes:
+        try:
+            pid = (bed.sliver_dir(node, slice_name) / "home" / ".dsmt" / "engine.pid").read_text().split()[0]
+            with open(f"/proc/{pid}/smaps_rollup") as handle:
+                fields = dict(line.split(":", 1) for line in handle if ":" in line and not line[0].isdigit())
+        except (OSError, ValueError, IndexError):
+            continue
+        rss += int(fields["Rss"].split()[0])
+        pss += int(fields["Pss"].split()[0])
+        seen += 1
+    return (rss / seen / 1024, pss / seen / 1024) if seen else (0.0, 0.0)
+
+
+def measure(count: int, farms: int, directory: str, transports, engine_start: str = "fork") -> dict:
     """One testbed of ``count`` nodes; per transport, one slice created and deployed over it: the three
     phases' seconds (one run: the reactor runs once per process)."""
     from dsmt.client.testbed import Testbed, poll
     rows = {}
     with Testbed(directory, nodes=count, farms=min(farms, count), engines=True, engine_http=True,
-                 capacity=len(transports) + 1) as bed:
+                 capacity=len(transports) + 1, engine_args=["--engine-exec"] if engine_start == "exec" else []) as bed:
         repository = Path(directory) / "repository"
         repository.mkdir()
         build = load_build().build(repository, bed.add_repository(repository))
@@ -137,7 +158,9 @@ def measure(count: int, farms: int, directory: str, transports) -> dict:
             seconds, failed = deploys[transport]
             if failed:
                 raise RuntimeError(f"deploy over {transport} failed on {len(failed)} nodes: {failed[:5]}")
-            rows[transport] = {"create": created - began, "engines": engines - created, "deploy": seconds}
+            rss, pss = engine_memory(bed, name)
+            rows[transport] = {"create": created - began, "engines": engines - created, "deploy": seconds,
+                               "rss": rss, "pss": pss}
     return rows
 
 
@@ -146,26 +169,31 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--counts", default="1,10,50,100,200")
     parser.add_argument("--farms", type=int, default=4)
     parser.add_argument("--transports", default="http,psepr")
+    parser.add_argument("--engine-start", choices=("fork", "exec"), default="fork",
+                        help="how node managers start engines (default: fork, from their fork server)")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)   # a child measuring one count
     options = parser.parse_args(argv)
     if options.one:
         import json
         with tempfile.TemporaryDirectory(prefix="dsmt-deploy-") as directory:
-            print(json.dumps(measure(options.one, options.farms, directory, options.transports.split(","))),
-                  flush=True)
+            print(json.dumps(measure(options.one, options.farms, directory, options.transports.split(","),
+                                     options.engine_start)), flush=True)
         return 0
     import json
     import subprocess
     counts = [int(c) for c in options.counts.split(",")]
     print(f"# create + deploy — Python {platform.python_version()}, {os.cpu_count()} CPUs, node managers in "
-          f"{options.farms} farm processes, one engine process per sliver; create and deploy over each transport")
-    print(f"{'transport':<10}{'nodes':>6}{'create s':>10}{'engines s':>11}{'deploy s':>10}{'total s':>9}{'ms/node':>9}")
+          f"{options.farms} farm processes, one engine process per sliver ({options.engine_start}ed); create and "
+          "deploy over each transport")
+    print(f"{'transport':<10}{'nodes':>6}{'create s':>10}{'engines s':>11}{'deploy s':>10}{'total s':>9}{'ms/node':>9}"
+          f"{'engine RSS MB':>15}{'engine PSS MB':>15}")
     totals = {}
     for count, transport in [(c, t) for c in counts for t in options.transports.split(",")]:
         # one child (and testbed) per count and transport: each runs its own reactor once, and 200 engine
         # processes (~70 MB each) per testbed stay within the machine's memory
         child = subprocess.run([sys.executable, __file__, "--one", str(count), "--farms", str(options.farms),
-                                "--transports", transport], capture_output=True, text=True, timeout=2400)
+                                "--transports", transport, "--engine-start", options.engine_start],
+                               capture_output=True, text=True, timeout=2400)
         if child.returncode != 0 or not child.stdout.strip():
             print(f"{transport:<10}{count:>6}  failed: {(child.stderr or child.stdout)[-800:]}")
             return 1
@@ -173,7 +201,7 @@ def main(argv: list[str]) -> int:
             total = row["create"] + row["engines"] + row["deploy"]
             totals[(transport, count)] = total
             print(f"{transport:<10}{count:>6}{row['create']:>10.2f}{row['engines']:>11.2f}{row['deploy']:>10.2f}"
-                  f"{total:>9.2f}{1000 * total / count:>9.0f}", flush=True)
+                  f"{total:>9.2f}{1000 * total / count:>9.0f}{row['rss']:>15.1f}{row['pss']:>15.1f}", flush=True)
     for (transport, count), total in totals.items():
         if count == 200:
             print(f"200 nodes created and deployed over {transport} ≤ {BAR_SECONDS_200:g} s: {total:.1f} s — "
