@@ -362,7 +362,10 @@ def check_sliver_path(path: str, what: str = "path") -> str:
 
 @functools.lru_cache(maxsize=1)
 def schema() -> etree.XMLSchema:
-    """The compiled descriptor schema from the installed contracts."""
+    """The compiled descriptor schema from the installed contracts, compiled once per process — at
+    this module's import (end of the module), so a process that imports it and then forks (the node
+    manager's fork server, which preloads the engine) compiles it once for every engine it forks:
+    ~3 ms of CPU each, one Deploy's worth of parsing twenty times over."""
     from dsmt.server.contracts import schema_path
     parser = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False)
     with open(schema_path(SCHEMA_NAME.removesuffix(".xsd")), "rb") as stream:
@@ -803,3 +806,9 @@ def resolve_parameters(descriptor: Descriptor, given: Mapping[str, str]) -> dict
         else:
             values[name] = parameter.default
     return values
+
+
+try:
+    schema()                  # at import: see schema()
+except (OSError, LookupError, ValueError, etree.LxmlError):
+    pass                      # not cached: the first parse compiles it again and reports the problem

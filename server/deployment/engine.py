@@ -16,9 +16,9 @@ keeps every component's lifecycle, supervises the processes, and publishes the a
 * :meth:`start`, :meth:`stop`, :meth:`uninstall` run one action for one component (all for uninstall
   without a name); :meth:`status` is ``{component: state}``; :meth:`details` adds reason, pid and
   restarts.
-* Every lifecycle transition is written to the store first, then — when it changes the
-  application's derived state (``lifecycle.ApplicationStatus``) — published as one
-  ``deployment-status`` event (``component=org.dsmt.component.deployment-agent, managed=<APP>``).
+* Every lifecycle transition is written to the store first — with the application's derived state
+  (``lifecycle.ApplicationStatus``) when it changes it, in the same transaction — then, in that case,
+  published as one ``deployment-status`` event (``component=org.dsmt.component.deployment-agent, managed=<APP>``).
 * **Monitor.**  A supervised process that exits makes its component ``failed`` with the exit and
   the restart plan in the reason; the supervisor restarts it after the backoff, and once healthy
   again it is ``running`` (both published).  After ``max_restarts`` it stays ``failed``.
@@ -167,15 +167,15 @@ class Engine:
     def _apply(self, name: str, transitions) -> None:
         lifecycle = self.lifecycles[name]
         for transition in transitions:
+            event = self.application.update(self.lifecycles.values(), transition)
+            changed = {} if event is None else {"application_state": self.application.state}
             self.store.record(name, state=transition.after, reason=transition.reason,
-                              milestones=lifecycle.milestones)
+                              milestones=lifecycle.milestones, **changed)
             if transition.after == RUNNING:
                 self._watch(name)
             elif transition.before == RUNNING:
                 self._unwatch(name)
-            event = self.application.update(self.lifecycles.values(), transition)
             if event is not None:
-                self.store.set_application_state(self.application.state)
                 self._send(event)
 
     # -- the health monitor -------------------------------------------------------------------------------

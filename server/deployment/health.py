@@ -5,10 +5,16 @@ The descriptor's ``<health interval timeout retries>`` is honoured this way:
 * each probe takes at most ``timeout`` seconds (a slower answer is a failure);
 * **steady state** (:meth:`HealthChecker.check`): unhealthy after ``retries`` consecutive failed
   probes, one every ``interval`` seconds; healthy at the first success;
-* **startup** (:meth:`HealthChecker.wait_healthy`): a process just started is probed every
-  :data:`STARTUP_PROBE_SECONDS` (or every ``interval`` if shorter) until its first success, for at
-  most ``retries × interval`` seconds — the time the steady rule would give it — so a service that
-  is up in 100 ms is ``running`` 100 ms later, not one interval later.
+* **startup** (:meth:`HealthChecker.wait_healthy`): a process just started is probed until its
+  first success, for at most ``retries × interval`` seconds — the time the steady rule would give
+  it — first :data:`STARTUP_PROBE_SECONDS` apart, the pause doubling after each failure up to
+  :data:`STARTUP_PROBE_MAX_SECONDS` (never over ``interval``, and the last one shortened to end with
+  the window; with less than the first pause left, unhealthy).  So a service that is up in
+  100 ms is ``running`` 100 ms later, not one interval later, and one slow to start (a loaded node
+  starting hundreds of slivers) costs a few probes a second, not ten.
+
+Probes connect to an IP address literal directly (``fetch.client_endpoint``): a refused connection
+is known at once, not after ``HostnameEndpoint``'s 0.3 s attempt tick.
 
 :class:`RetryCounter` is that arithmetic, pure (times are given); :class:`HealthChecker` is the
 Twisted edge.  Failures are :class:`HealthError` (a Refusal, code ``unhealthy``) whose reason says
@@ -18,16 +24,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from twisted.internet import defer, endpoints, error, protocol
+from twisted.internet import defer, error, protocol
 
 from dsmt.server.deployment.descriptor import HealthCheck, substitute
+from dsmt.server.deployment.fetch import abandon_response, client_endpoint, http_client
 from dsmt.server.refusal import Refusal
 
-__all__ = ["HealthError", "RetryCounter", "Decision", "HealthChecker", "STARTUP_PROBE_SECONDS"]
+__all__ = ["HealthError", "RetryCounter", "Decision", "HealthChecker", "STARTUP_PROBE_SECONDS",
+           "STARTUP_PROBE_MAX_SECONDS"]
 
-#: Pause between probes while waiting for a just-started process: services take tens to hundreds of
-#: milliseconds to listen; 0.1 s notices them quickly at ten cheap probes a second.
+#: First pause between probes while waiting for a just-started process: services take tens to
+#: hundreds of milliseconds to listen; 0.1 s notices them quickly.
 STARTUP_PROBE_SECONDS = 0.1
+#: Longest pause between startup probes: a service still not listening after a few probes is slow
+#: (a loaded node) and 0.4 s — the pace probes had when each refused one took 0.3 s — bounds how late
+#: it is noticed while cutting the probes (each a connection, for the engine and the service) to 2.5 a
+#: second.
+STARTUP_PROBE_MAX_SECONDS = 0.4
 
 
 class HealthError(Refusal):
@@ -56,10 +69,11 @@ class RetryCounter:
             return Decision("healthy")
         self.failures += 1
         if self.startup:
-            delay = min(STARTUP_PROBE_SECONDS, self.interval)
-            if now + delay > self.deadline:
+            left = self.deadline - now
+            if left < min(STARTUP_PROBE_SECONDS, self.interval):
                 return Decision("unhealthy")
-            return Decision("retry", delay)
+            pause = STARTUP_PROBE_SECONDS * 2 ** min(self.failures - 1, 16)   # bounded: no huge floats
+            return Decision("retry", min(pause, STARTUP_PROBE_MAX_SECONDS, self.interval, left))
         if self.failures >= self.retries:
             return Decision("unhealthy")
         return Decision("retry", self.interval)
@@ -82,6 +96,7 @@ class HealthChecker:
         self.reactor, self.check, self.values = reactor, check, values
         self.clock = clock or reactor
         self.run_command = run_command
+        self._client = None          # the HTTP client of its probes, made at the first one
 
     def describe(self) -> str:
         check = self.check
@@ -109,12 +124,10 @@ class HealthChecker:
         return None if status.ok else f"{self.describe()} {status}"
 
     async def _http(self, url: str) -> str | None:
-        from treq.client import HTTPClient
-        from twisted.web.client import Agent, HTTPConnectionPool
-        from dsmt.server.deployment.fetch import abandon_response
-        client = HTTPClient(Agent(self.reactor, pool=HTTPConnectionPool(self.reactor, persistent=False)))
+        if self._client is None:
+            self._client = http_client(self.reactor)
         try:
-            response = await client.get(url, timeout=self.check.timeout, reactor=self.reactor)
+            response = await self._client.get(url, timeout=self.check.timeout, reactor=self.reactor)
         except defer.CancelledError:
             return f"GET {url}: no answer within {self.check.timeout:g} s"
         abandon_response(response)
@@ -125,7 +138,7 @@ class HealthChecker:
     async def _tcp(self, host: str, port: str) -> str | None:
         if not port.isdigit() or not 1 <= int(port) <= 65535:
             return f"TCP {host}:{port}: not a port number"
-        endpoint = endpoints.HostnameEndpoint(self.reactor, host, int(port), timeout=self.check.timeout)
+        endpoint = client_endpoint(self.reactor, host, int(port), timeout=self.check.timeout)
         try:
             await endpoint.connect(protocol.Factory.forProtocol(_Discard))
         except (error.ConnectError, error.DNSLookupError, error.TimeoutError, defer.CancelledError) as exc:

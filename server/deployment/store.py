@@ -95,6 +95,8 @@ class StoredDeployment:
 
 
 _FIELDS = ("state", "reason", "milestones", "pid", "pid_started", "restarts", "restart_pending")
+#: :meth:`Store.record`'s "leave the application's state alone" (None is a state: not yet published).
+_KEEP = object()
 
 
 class Store:
@@ -144,9 +146,11 @@ class Store:
             self.db.executemany("INSERT INTO component (name, position) VALUES (?, ?)",
                                 [(name, position) for position, name in enumerate(components)])
 
-    def record(self, name: str, **changes) -> None:
+    def record(self, name: str, *, application_state=_KEEP, **changes) -> None:
         """Change fields of component ``name`` (any of state, reason, milestones — an iterable of
-        names —, pid, pid_started, restarts, restart_pending) in one transaction."""
+        names —, pid, pid_started, restarts, restart_pending) in one transaction — with the
+        application's state too when ``application_state`` is given (a state change the engine
+        publishes is one commit, hence one fsync, not two)."""
         unknown = set(changes) - set(_FIELDS)
         if unknown:
             raise TypeError(f"unknown component fields: {', '.join(sorted(unknown))}")
@@ -154,17 +158,23 @@ class Store:
             changes["milestones"] = ",".join(sorted(str(getattr(m, "value", m)) for m in changes["milestones"]))
         if "restart_pending" in changes:
             changes["restart_pending"] = int(bool(changes["restart_pending"]))
-        if not changes:
+        if not changes and application_state is _KEEP:
             return
         columns = ", ".join(f"{key} = ?" for key in changes)
         with self._transaction():
-            cursor = self.db.execute(f"UPDATE component SET {columns} WHERE name = ?", (*changes.values(), name))
-            if cursor.rowcount != 1:
-                raise KeyError(name)
+            if changes:
+                cursor = self.db.execute(f"UPDATE component SET {columns} WHERE name = ?", (*changes.values(), name))
+                if cursor.rowcount != 1:
+                    raise KeyError(name)
+            if application_state is not _KEEP:
+                self._set_application_state(application_state)
 
     def set_application_state(self, state: str | None) -> None:
         with self._transaction():
-            self.db.execute("UPDATE deployment SET state = ? WHERE id = 1", (state,))
+            self._set_application_state(state)
+
+    def _set_application_state(self, state: str | None) -> None:
+        self.db.execute("UPDATE deployment SET state = ? WHERE id = 1", (state,))
 
     def load(self) -> StoredDeployment | None:
         """The recorded deployment, or None."""

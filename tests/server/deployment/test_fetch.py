@@ -10,7 +10,8 @@ from twisted.trial import unittest
 from twisted.web import resource, server, static
 
 from dsmt.server.deployment.fetch import (
-    PART_SUFFIX, FetchError, Fetcher, PartialDownload, Verdict, check_file_name, check_url,
+    PART_SUFFIX, FetchError, Fetcher, PartialDownload, Verdict, _endpoint_factory_class, check_file_name, check_url,
+    client_endpoint,
 )
 from dsmt.server.refusal import Refusal
 
@@ -132,6 +133,30 @@ def test_refusals_are_refusals():
 
 
 # -- over real HTTP ------------------------------------------------------------------------------
+
+# -- connections ---------------------------------------------------------------------------------
+
+def test_ip_literals_are_connected_without_name_resolution():
+    from twisted.internet import endpoints
+    # Made, not connected: no reactor run needed.
+    assert isinstance(client_endpoint(reactor, "127.0.0.1", 80), endpoints.TCP4ClientEndpoint)
+    assert isinstance(client_endpoint(reactor, "::1", 80), endpoints.TCP6ClientEndpoint)
+    assert isinstance(client_endpoint(reactor, "localhost", 80), endpoints.HostnameEndpoint)
+    assert client_endpoint(reactor, "127.0.0.1", 80, timeout=2)._timeout == 2
+
+
+def test_the_agent_endpoints_wrap_https_in_tls_and_refuse_other_schemes():
+    from twisted.internet import endpoints
+    from twisted.web.client import URI, BrowserLikePolicyForHTTPS
+    from twisted.web.error import SchemeNotSupported
+    factory = _endpoint_factory_class()(reactor, BrowserLikePolicyForHTTPS())
+    assert isinstance(factory.endpointForURI(URI.fromBytes(b"http://10.0.0.1:81/p")), endpoints.TCP4ClientEndpoint)
+    tls = factory.endpointForURI(URI.fromBytes(b"https://10.0.0.1/p"))
+    assert isinstance(tls, endpoints._WrapperEndpoint)
+    assert isinstance(tls._wrappedEndpoint, endpoints.TCP4ClientEndpoint)
+    with pytest.raises(SchemeNotSupported):
+        factory.endpointForURI(URI.fromBytes(b"gopher://10.0.0.1/p"))
+
 
 class Recorder(resource.Resource):
     """Serves PAYLOAD at any path: with Range support (static.File), without, cut short, or never."""

@@ -6,7 +6,9 @@ from twisted.trial import unittest
 from twisted.web import resource, server
 
 from dsmt.server.deployment.descriptor import Command, HealthCheck
-from dsmt.server.deployment.health import STARTUP_PROBE_SECONDS, HealthChecker, HealthError, RetryCounter
+from dsmt.server.deployment.health import (
+    STARTUP_PROBE_MAX_SECONDS, STARTUP_PROBE_SECONDS, HealthChecker, HealthError, RetryCounter,
+)
 from dsmt.server.deployment.supervisor import ExitStatus
 
 
@@ -25,6 +27,20 @@ def test_startup_rule_probes_quickly_within_the_window():
     assert decision.verdict == "retry" and decision.delay == STARTUP_PROBE_SECONDS
     assert counter.record(False, 1.85).verdict == "retry"
     assert counter.record(False, 1.95).verdict == "unhealthy"
+
+
+def test_startup_pauses_double_up_to_the_cap_and_end_with_the_window():
+    counter = RetryCounter(3, 5, startup=True, now=0)                  # a 15 s window
+    now, delays = 0.0, []
+    while (decision := counter.record(False, now)).verdict == "retry":
+        delays.append(decision.delay)
+        now += decision.delay
+    assert delays[:4] == [STARTUP_PROBE_SECONDS, 2 * STARTUP_PROBE_SECONDS, STARTUP_PROBE_MAX_SECONDS,
+                          STARTUP_PROBE_MAX_SECONDS]
+    assert max(delays) == STARTUP_PROBE_MAX_SECONDS
+    assert abs(now - 15) < 1e-9 and decision.verdict == "unhealthy"    # probed until the window's very end
+    short = RetryCounter(2, 0.05, startup=True, now=0)                  # never a pause over the interval
+    assert short.record(False, 0).delay == 0.05
 
 
 class Status(resource.Resource):

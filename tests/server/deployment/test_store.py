@@ -41,6 +41,20 @@ def test_new_deployment_replaces_the_old(tmp_path):
         store.record("two", colour="red")
 
 
+def test_a_record_with_the_application_state_is_one_transaction(tmp_path):
+    store = Store(str(tmp_path / "s.sqlite"))
+    store.begin_deployment("A", "1", b"x", {}, ["one"])
+    before = store.db.total_changes
+    store.record("one", state="running", application_state="running")
+    assert store.db.total_changes - before == 2                       # both rows, committed together
+    assert (store.load().state, store.load().components["one"].state) == ("running", "running")
+    store.record("one", application_state=None)                        # None is a state: unpublished
+    assert store.load().state is None and store.load().components["one"].state == "running"
+    with pytest.raises(KeyError):                                      # the component row is checked first:
+        store.record("two", state="failed", application_state="failed")
+    assert store.load().state is None                                  # … and nothing was written
+
+
 def test_foreign_or_broken_files_are_refused(tmp_path):
     junk = tmp_path / "junk"
     junk.write_bytes(b"not a database at all" * 100)
