@@ -111,10 +111,12 @@ class SoapResource(resource.Resource):
         refusal = getattr(request, "refusal", None)
         if refusal is not None:
             return self._write(request, self.core.fault_response(refusal))
-        gone: list = []  # holds the reason once the client has disconnected
-        request.notifyFinish().addErrback(gone.append)
         answer = self.core.process(request.content.read(), content_type=_header(request, b"content-type"),
                                    peer=request.getClientAddress())
+        if answer.called:  # answered within process() (no Deferred in the operation): write it as any resource
+            return self._write(request, answer.result)
+        gone: list = []  # holds the reason once the client has disconnected
+        request.notifyFinish().addErrback(gone.append)
         answer.addCallback(self._finish, request, gone)
         return server.NOT_DONE_YET
 

@@ -96,7 +96,8 @@ def read_headers(envelope: etree._Element) -> AddressingHeaders | None:
     Raises :class:`AddressingError` for a header repeated that may appear once
     and for a ``ReplyTo``/``FaultTo`` without an ``Address``.
     """
-    header = envelope.find("{%s}Header" % etree.QName(envelope).namespace)
+    tag = envelope.tag
+    header = envelope.find(tag[:tag.index("}") + 1] + "Header") if tag[:1] == "{" else None
     if header is None:
         return None
     found: dict[str, list[etree._Element]] = {}
@@ -171,7 +172,9 @@ _NOT_XML_CHARS = re.compile("[^\t\n\r\u0020-\ud7ff\ue000-\ufffd\U00010000-\U0010
 def _escaped(name: str, text: str) -> bytes:
     if _NOT_XML_CHARS.search(text):
         raise ValueError(f"wsa:{name} {text!r} holds characters XML cannot carry")
-    return escape(text, {"\r": "&#13;"}).encode()  # a literal CR would be read back as LF
+    if "&" in text or "<" in text or ">" in text or "\r" in text:
+        text = escape(text, {"\r": "&#13;"})  # a literal CR would be read back as LF
+    return text.encode()
 
 
 def _block(name: str, text: str) -> bytes:
