@@ -43,9 +43,9 @@ Pipeline, in order; each step either passes or answers a fault:
    (``UnknownOperation``), the request's ``wsa:Action``, when present, must be
    that operation's (``wsa:ActionNotSupported``), and the Body must be valid against the service's schema
    (``InvalidBody``; lxml's XML Schema validator, see below).
-8. **Call**: operations made of simple values (text, integers, booleans) are
-   read and answered by a codec compiled when the core is built
-   (:mod:`dsmt.transports.soap.fastpath`, about a third of spyne's cost per
+8. **Call**: operations made of text, integers, booleans and complex types
+   of them are read and answered by a codec compiled when the core is built
+   (:mod:`dsmt.transports.soap.fastpath`, a fraction of spyne's cost per
    call); the others go through spyne's pipeline.  Either way the service method may return a value, a Deferred or a coroutine
    (``async def``).  A spyne ``Fault`` it raises is answered as that fault; any
    other exception is logged with its traceback and answered as
@@ -551,7 +551,7 @@ class SoapCore:
     WS-Addressing Actions of operations that do not follow the default
     pattern (operation name → :class:`OperationActions`); ``check_actions``
     whether a request's ``wsa:Action``, when present, must be its operation's
-    input action; ``fast_path`` whether operations made of simple values run
+    input action; ``fast_path`` whether operations whose types allow it run
     through compiled codecs (:mod:`dsmt.transports.soap.fastpath`) instead of
     spyne's object machinery.  Build one core per transport from the same
     service classes.  Service methods receive the :class:`CallContext` as

@@ -155,10 +155,22 @@ def test_compiled_and_spyne_answer_alike(version, body):
     assert compiled == spyne
 
 
-def test_the_simple_operations_are_compiled_and_the_others_not():
+def test_what_is_compiled_and_what_keeps_spyne():
     class Point(ComplexModel):
         __namespace__ = TNS
         x = Integer
+
+    class Elsewhere(ComplexModel):
+        __namespace__ = "urn:dsmt:test:elsewhere"
+        x = Integer
+
+    class Node(ComplexModel):
+        __namespace__ = TNS
+
+    Node._type_info["next"] = Node  # a type that contains itself
+
+    class Child(Point):
+        y = Integer
 
     class Mixed(ServiceBase):
         @rpc(Unicode, _returns=Unicode)
@@ -173,13 +185,25 @@ def test_the_simple_operations_are_compiled_and_the_others_not():
         def complex_out(ctx, text):
             return None
 
-        @rpc(Unicode(max_occurs=3), _returns=Unicode)
-        def array_in(ctx, texts):
-            return ""
+        @rpc(Unicode(max_occurs=3), _returns=Point.customize(max_occurs=9))
+        def repeated(ctx, texts):
+            return []
 
         @rpc(_returns=Array(Unicode))
         def array_out(ctx):
             return []
+
+        @rpc(Elsewhere, _returns=Unicode)
+        def other_namespace(ctx, value):
+            return ""
+
+        @rpc(Node, _returns=Unicode)
+        def recursive(ctx, node):
+            return ""
+
+        @rpc(Child, _returns=Unicode)
+        def extends(ctx, child):
+            return ""
 
         @rpc(ByteArray, _returns=Unicode)
         def binary(ctx, data):
@@ -202,10 +226,11 @@ def test_the_simple_operations_are_compiled_and_the_others_not():
             return "", 0
 
     core = SoapCore([Mixed], TNS, "Mixed")
-    assert {codec.descriptor.operation_name for codec in core._codecs.values()} == {"plain"}
+    compiled = {"plain", "complex_in", "complex_out", "repeated"}
+    assert {codec.descriptor.operation_name for codec in core._codecs.values()} == compiled
     descriptors = [d for ds in core.application.interface.service_method_map.values() for d in ds]
-    assert [d.operation_name for d in descriptors if compile_operation(core.application, d, SOAP11.envelope_ns)] \
-        == ["plain"]
+    assert {d.operation_name for d in descriptors if compile_operation(core.application, d, SOAP11.envelope_ns)} \
+        == compiled
 
 
 def test_services_with_their_own_call_wrapper_or_listeners_keep_spyne():
@@ -268,3 +293,137 @@ def test_an_unexpected_exception_does_not_leak():
     compiled, _ = cores(SOAP11)
     reply = compiled.process(request("<t:refuse><t:why>bug</t:why></t:refuse>", SOAP11)).result
     assert reply.is_fault and b"secret" not in reply.body and b"InternalError" in reply.body
+
+
+# ------------------------------------------------------------------ complex types and repeated members
+
+class Person(ComplexModel):
+    __namespace__ = TNS
+    _type_info = [("name", Unicode(min_occurs=1, nillable=False)), ("admin", Boolean)]
+
+
+class Spot(ComplexModel):
+    __namespace__ = TNS
+    _type_info = [("x", Integer), ("y", Integer), ("label", Unicode), ("tags", Unicode(max_occurs=5))]
+
+
+class Group(ComplexModel):
+    __namespace__ = TNS
+    _type_info = [("name", Unicode(min_occurs=1, nillable=False)),
+                  ("spots", Spot.customize(min_occurs=0, max_occurs=10, nillable=False)),
+                  ("owner", Person), ("size", Integer(min_occurs=1))]
+
+
+def _group(kind: str):
+    """Reply values, the ordinary ones first, then those only spyne writes."""
+    spot = Spot(x=1, y=-2, label="a & b", tags=["t1", "t2"])
+    return {
+        "full": Group(name="g", spots=[spot, Spot(x=0)], owner=Person(name="ann", admin=True), size=2),
+        "empty lists": Group(name="g", spots=[], owner=Person(name="bob"), size=0),
+        "tuple": Group(name="g", spots=(spot,), size=1),
+        "empty member": Group(name="g", spots=[Spot()], size=1),
+        "none": None,
+        "dict": {"name": "g", "size": 1},
+        "none in list": Group(name="g", spots=[None], size=1),
+        "generator": Group(name="g", spots=(s for s in [spot]), size=1),
+        "required none": Group(name="g", size=None),
+        "wrong member type": Group(name="g", spots=[Person(name="p")], size=1),
+        "string for integer": Group(name="g", size="1"),
+    }[kind]
+
+
+class Shapes(ServiceBase):
+    @rpc(Group, Unicode(max_occurs=4), _returns=Group)
+    def regroup(ctx, group, notes):
+        SEEN.append((_plain(group), notes))
+        return group
+
+    @rpc(Unicode, _returns=Group)
+    def make(ctx, kind):
+        return _group(kind)
+
+    @rpc(Unicode, _returns=Spot.customize(max_occurs=20))
+    def spots(ctx, kind):
+        return {"list": [Spot(x=1), Spot(y=2, tags=["z"])], "empty": [], "none": None, "single": Spot(x=1)}[kind]
+
+
+def _plain(value):
+    """A spyne value as plain data, to compare what both paths built."""
+    if isinstance(value, ComplexModel):
+        return (type(value).__name__, {key: _plain(getattr(value, key, None)) for key in type(value)._type_info})
+    if isinstance(value, list):
+        return [_plain(item) for item in value]
+    return value
+
+
+SHAPES: dict = {}
+
+
+def shape_cores(version):
+    if version not in SHAPES:
+        SHAPES[version] = (SoapCore([Shapes], TNS, "Shapes", soap_version=version),
+                           SoapCore([Shapes], TNS, "Shapes", soap_version=version, fast_path=False))
+    return SHAPES[version]
+
+
+def answers(pair, body: str, version):
+    results = []
+    for core in pair:
+        SEEN.clear()
+        answered = core.process(request(body, version))
+        assert answered.called
+        results.append((list(SEEN), answered.result.body))
+    return results
+
+
+SPOT = "<t:spots><t:x>3</t:x><t:label>here</t:label><t:tags>a</t:tags><t:tags/><t:tags>c</t:tags></t:spots>"
+COMPLEX = [
+    f"<t:regroup><t:group><t:name>g</t:name>{SPOT}{SPOT}<t:owner><t:name>o</t:name><t:admin>true</t:admin></t:owner>"
+    "<t:size>2</t:size></t:group><t:notes>n1</t:notes><t:notes>n2</t:notes></t:regroup>",
+    "<t:regroup><t:group><t:name>g</t:name><t:size>0</t:size></t:group></t:regroup>",
+    "<t:regroup><t:group><t:name>g</t:name><t:spots/><t:owner xsi:nil='true'/><t:size>1</t:size></t:group>"
+    "<t:notes xsi:nil='true'/><t:notes/></t:regroup>",
+    "<t:regroup><t:group><t:name>g</t:name><t:spots><t:tags xsi:nil='true'/></t:spots>"
+    "<t:size xsi:nil='true'/></t:group></t:regroup>",
+    "<t:regroup/>",
+    "<t:regroup><t:group><t:size>1</t:size></t:group></t:regroup>",  # schema-invalid: no name
+    *(f"<t:make><t:kind>{kind}</t:kind></t:make>" for kind in
+      ["full", "empty lists", "tuple", "empty member", "none", "dict", "none in list", "generator", "required none",
+       "wrong member type", "string for integer"]),
+    *(f"<t:spots><t:kind>{kind}</t:kind></t:spots>" for kind in ["list", "empty", "none", "single"]),
+]
+
+
+@pytest.mark.parametrize("version", VERSIONS, ids=lambda v: v.name)
+@pytest.mark.parametrize("body", COMPLEX)
+def test_complex_types_compiled_and_spyne_answer_alike(version, body):
+    compiled, spyne = answers(shape_cores(version), body, version)
+    assert compiled == spyne
+
+
+def test_complex_operations_are_compiled():
+    compiled, _ = shape_cores(SOAP11)
+    assert {codec.descriptor.operation_name for codec in compiled._codecs.values()} == {"regroup", "make", "spots"}
+
+
+def test_a_slice_report_on_many_nodes_is_written_alike():
+    """The slice manager's real report type, 200 nodes: the reply the compiled path exists for."""
+    from dsmt.server.slicemanager.service import TNS as SM_TNS, NodeResult, SliceReport
+
+    class Reports(ServiceBase):
+        @rpc(Integer, _returns=SliceReport)
+        def report(ctx, nodes):
+            return SliceReport(command="NewVms", slice="xyz1", ok=False, summary=f"{nodes - 1} of {nodes}",
+                               result=[NodeResult(node=f"n{i}", ok=i > 0, line=f"Success on n{i}", state="running",
+                                                  expiresAt=1790000000 + i, keys=i % 3,
+                                                  code=None if i else "Refused", reason=None if i else "full <&>")
+                                       for i in range(nodes)], value=["v1", "v2"])
+
+    bodies = []
+    for fast in (True, False):
+        core = SoapCore([Reports], SM_TNS, "Reports", fast_path=fast)
+        assert bool(core._codecs) is fast
+        body = f'<t:report xmlns:t="{SM_TNS}"><t:nodes>200</t:nodes></t:report>'
+        bodies.append(core.process((f'<s:Envelope xmlns:s="{SOAP11.envelope_ns}"><s:Body>{body}</s:Body>'
+                                    "</s:Envelope>").encode()).result.body)
+    assert bodies[0] == bodies[1] and bodies[0].count(b"<tns:result>") == 200
