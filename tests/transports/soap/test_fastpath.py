@@ -350,7 +350,7 @@ class Shapes(ServiceBase):
 def _plain(value):
     """A spyne value as plain data, to compare what both paths built."""
     if isinstance(value, ComplexModel):
-        return (type(value).__name__, {key: _plain(getattr(value, key, None)) for key in type(value)._type_info})
+        return (type(value).__name__, {key: _plain(item) for key, item in vars(value).items()})
     if isinstance(value, list):
         return [_plain(item) for item in value]
     return value
