@@ -30,8 +30,9 @@ handled here.
 from __future__ import annotations
 
 import copy
+import functools
+import os
 import re
-import uuid
 from dataclasses import dataclass
 from xml.sax.saxutils import escape
 
@@ -86,8 +87,15 @@ class AddressingHeaders:
 
 
 def new_message_id() -> str:
-    """A fresh ``urn:uuid:`` message id (random, version 4)."""
-    return f"urn:uuid:{uuid.uuid4()}"
+    """A fresh ``urn:uuid:`` message id: a random (version 4, RFC 9562 variant) UUID, written straight from
+    16 random bytes (a third of ``uuid.uuid4()``'s cost; every reply needs one)."""
+    digits = os.urandom(16).hex()
+    return (f"urn:uuid:{digits[:8]}-{digits[8:12]}-4{digits[13:16]}-{_VARIANT[digits[16]]}{digits[17:20]}-"
+            f"{digits[20:]}")
+
+
+#: The first hex digit of the fourth group with the variant bits (10xx) set, from any random digit.
+_VARIANT = {digit: "89ab"[int(digit, 16) & 3] for digit in "0123456789abcdef"}
 
 
 def read_headers(envelope: etree._Element) -> AddressingHeaders | None:
@@ -97,7 +105,11 @@ def read_headers(envelope: etree._Element) -> AddressingHeaders | None:
     and for a ``ReplyTo``/``FaultTo`` without an ``Address``.
     """
     tag = envelope.tag
-    header = envelope.find(tag[:tag.index("}") + 1] + "Header") if tag[:1] == "{" else None
+    return read_header_blocks(envelope.find(tag[:tag.index("}") + 1] + "Header") if tag[:1] == "{" else None)
+
+
+def read_header_blocks(header: etree._Element | None) -> AddressingHeaders | None:
+    """:func:`read_headers` for a caller that holds the envelope's SOAP Header already (None: no Header)."""
     if header is None:
         return None
     found: dict[str, list[etree._Element]] = {}
@@ -137,8 +149,8 @@ def reply_headers(request: AddressingHeaders, *, action: str, fault: bool = Fals
     """The serialised header blocks of the reply to ``request``: To, Action, a new MessageID, RelatesTo,
     and the destination's reference parameters.  A fault goes to ``FaultTo`` when the request named one."""
     destination = request.fault_to if fault and request.fault_to is not None else request.reply_to
-    blocks = [_block("To", destination.address if destination is not None else ANONYMOUS),
-              _block("Action", action), _block("MessageID", new_message_id())]
+    blocks = [_repeated_block("To", destination.address if destination is not None else ANONYMOUS),
+              _repeated_block("Action", action), _block("MessageID", new_message_id())]
     if request.message_id is not None:
         blocks.append(_block("RelatesTo", request.message_id))
     if destination is not None:
@@ -181,6 +193,13 @@ def _block(name: str, text: str) -> bytes:
     """One header block, written directly: 4 blocks cost ~2.5 µs this way, ~11 µs as lxml elements."""
     return b'<wsa:%s xmlns:wsa="%s">%s</wsa:%s>' % (name.encode(), WSA_NS.encode(), _escaped(name, text),
                                                      name.encode())
+
+
+@functools.lru_cache(maxsize=256)
+def _repeated_block(name: str, text: str) -> bytes:
+    """:func:`_block` for the values replies repeat (the anonymous address, an operation's Action): kept, as
+    a service has a few dozen of them; bounded because a ``ReplyTo`` address comes from the caller."""
+    return _block(name, text)
 
 
 # ------------------------------------------------------------------ splicing

@@ -590,6 +590,8 @@ class SoapCore:
             + [name for envelope_filter in self.filters for name in envelope_filter.understood_headers])
         self._envelope_tag, self._header_tag, self._body_tag = (
             f"{{{self.version.envelope_ns}}}{local}" for local in ("Envelope", "Header", "Body"))
+        self._must_understand_attribute = f"{{{self.version.envelope_ns}}}mustUnderstand"
+        self._role_attribute = f"{{{self.version.envelope_ns}}}{self.version.role_attribute}"
         self._our_roles = self.version.roles | {None}  # None: a block without a role is for the ultimate receiver
         self._wsdl_cache: OrderedDict[str, bytes] = OrderedDict()
         self._codecs: dict[str, OperationCodec] = {}
@@ -655,21 +657,21 @@ class SoapCore:
     async def _answer(self, data: bytes, content_type: str | None, context: CallContext,
                       parsed: etree._Element | None) -> SoapResponse:
         try:
-            body = self._read(data, content_type, context, parsed)
-            context.addressing = self._read_addressing(context.envelope)
+            header, body = self._read(data, content_type, context, parsed)
+            context.addressing = self._read_addressing(header)
         except _Refused as refused:  # no usable message, nothing for the filters; correlated when possible
             return self.fault_response(refused.fault, request=refused.request)
         except SoapFault as fault:
             return self.fault_response(fault)
         entered: list[EnvelopeFilter] = []
         try:
-            self._check_must_understand(context.envelope)
+            self._check_must_understand(header)
             for envelope_filter in self.filters:
                 entered.append(envelope_filter)
                 filtered = self._inbound(envelope_filter, data, context)
                 if filtered is not data:
                     try:
-                        data, body = filtered, self._read(filtered, content_type, context)
+                        data, (header, body) = filtered, self._read(filtered, content_type, context)
                     except _Refused as refused:  # addressing was read already: the reply headers follow
                         raise refused.fault from None
             reply, action = await self._call(body, context)
@@ -688,9 +690,9 @@ class SoapCore:
         return SoapResponse(reply, self.version, context.fault)
 
     def _read(self, data: bytes, content_type: str | None, context: CallContext,
-              parsed: etree._Element | None = None) -> etree._Element:
+              parsed: etree._Element | None = None) -> tuple[etree._Element | None, etree._Element]:
         """Steps 1–3: size, safe parse (or the transport's ``parsed`` tree), charset, envelope structure.
-        Sets ``context.envelope`` and returns the Body's element.  A refusal once the tree exists is raised
+        Sets ``context.envelope`` and returns its Header (None without one) and the Body's element.  A refusal once the tree exists is raised
         as :class:`_Refused`, with the request's WS-Addressing headers read leniently."""
         limit = self.limits.max_envelope_bytes
         if len(data) > limit:
@@ -708,7 +710,7 @@ class SoapCore:
             raise _Refused(fault, _lenient_addressing(root)) from None
 
     def _check_envelope(self, root: etree._Element, content_type: str | None,
-                        context: CallContext) -> etree._Element:
+                        context: CallContext) -> tuple[etree._Element | None, etree._Element]:
         try:
             check_depth(root, self.limits.max_depth, "SOAP envelope")
         except XmlSafetyError as exc:
@@ -725,8 +727,7 @@ class SoapCore:
             raise SoapFault.sender("NotSOAP", f"the document's root is {name.text}, not a SOAP {self.version.name} "
                                               f"Envelope ({self._envelope_tag})")
         children = [child for child in root if isinstance(child.tag, str)]
-        if children and children[0].tag == self._header_tag:
-            children.pop(0)
+        header = children.pop(0) if children and children[0].tag == self._header_tag else None
         if not children or children[0].tag != self._body_tag:
             raise SoapFault.sender("BadEnvelope", "the Envelope has no Body where one belongs (after the Header)")
         if len(children) > 1 and self.version is SOAP12:
@@ -736,7 +737,7 @@ class SoapCore:
             raise SoapFault.sender("BadEnvelope", f"the Body holds {len(operations)} elements; it must hold exactly one "
                                                   "(the operation's)")
         context.envelope = root
-        return operations[0]
+        return header, operations[0]
 
     def _version_mismatch(self, received: SoapVersion) -> SoapFault:
         upgrade = ()
@@ -748,25 +749,21 @@ class SoapCore:
         return SoapFault(SoapFault.VERSION_MISMATCH, f"this service speaks SOAP {self.version.name}, the request is a "
                                                      f"SOAP {received.name} envelope", headers=upgrade)
 
-    def _read_addressing(self, envelope: etree._Element) -> addressing.AddressingHeaders | None:
+    def _read_addressing(self, header: etree._Element | None) -> addressing.AddressingHeaders | None:
         try:
-            return addressing.read_headers(envelope)
+            return addressing.read_header_blocks(header)
         except addressing.AddressingError as exc:
             wsa = "{%s}" % addressing.WSA_NS
             raise SoapFault(SoapFault.SENDER, str(exc), subcodes=(wsa + "InvalidAddressingHeader", wsa + exc.subcode),
                             soap11_faultcode=wsa + "InvalidAddressingHeader") from None
 
-    def _check_must_understand(self, envelope: etree._Element) -> None:
-        env = self.version.envelope_ns
-        header = envelope.find(f"{{{env}}}Header")
+    def _check_must_understand(self, header: etree._Element | None) -> None:
         if header is None:
             return
-        role_attribute = f"{{{env}}}{self.version.role_attribute}"
-        must_understand = f"{{{env}}}mustUnderstand"
-        missed = [block.tag for block in header if isinstance(block.tag, str)
-                  and block.get(must_understand) in ("1", "true")
-                  and block.tag not in self._understood
-                  and block.get(role_attribute) in self._our_roles]
+        must_understand = self._must_understand_attribute
+        missed = [block.tag for block in header if block.get(must_understand) in ("1", "true")
+                  and isinstance(block.tag, str) and block.tag not in self._understood
+                  and block.get(self._role_attribute) in self._our_roles]
         if missed:
             not_understood = ()
             if self.version is SOAP12:  # SOAP 1.2 §5.4.8: name them in NotUnderstood header blocks

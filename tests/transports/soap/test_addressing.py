@@ -109,6 +109,18 @@ def test_message_ids_are_fresh():
     assert len({new_message_id() for _ in range(100)}) == 100
 
 
+def test_message_ids_are_version_4_uuids_in_canonical_form():
+    import uuid
+    variants = set()
+    for _ in range(2000):
+        message_id = new_message_id()
+        assert message_id.startswith("urn:uuid:")
+        parsed = uuid.UUID(message_id[len("urn:uuid:"):])
+        assert parsed.version == 4 and parsed.variant == uuid.RFC_4122 and str(parsed) == message_id[9:]
+        variants.add(message_id[9 + 19])
+    assert variants == set("89ab")  # every variant digit occurs: the random bits really are used
+
+
 @given(st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00\ufffe\uffff")
                .filter(lambda c: c in "\t\n\r" or ord(c) >= 0x20), max_size=60))
 def test_relates_to_equals_any_message_id_exactly(message_id):
