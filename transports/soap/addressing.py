@@ -53,7 +53,8 @@ FAULT_ACTION = WSA_NS + "/soap/fault"
 
 _W = "{%s}" % WSA_NS
 #: Headers a message may carry at most once (WS-Addressing Core §3.1); ``RelatesTo`` may repeat.
-_SINGLE = ("To", "Action", "MessageID", "ReplyTo", "FaultTo", "From")
+_SINGLE = frozenset({"To", "Action", "MessageID", "ReplyTo", "FaultTo", "From"})
+_W_LENGTH = len(_W)
 _IS_REFERENCE_PARAMETER = _W + "IsReferenceParameter"
 
 
@@ -112,30 +113,31 @@ def read_header_blocks(header: etree._Element | None) -> AddressingHeaders | Non
     """:func:`read_headers` for a caller that holds the envelope's SOAP Header already (None: no Header)."""
     if header is None:
         return None
-    found: dict[str, list[etree._Element]] = {}
+    found: dict[str, etree._Element] = {}  # the first block of each name (RelatesTo may repeat: the first counts)
     for block in header:
-        if isinstance(block.tag, str) and block.tag.startswith(_W):
-            found.setdefault(block.tag[len(_W):], []).append(block)
+        tag = block.tag
+        if isinstance(tag, str) and tag.startswith(_W):
+            name = tag[_W_LENGTH:]
+            if name not in found:
+                found[name] = block
+            elif name in _SINGLE:
+                count = sum(1 for other in header if other.tag == tag)
+                raise AddressingError(f"wsa:{name} appears {count} times; at most once is allowed",
+                                      "InvalidCardinality")
     if not found:
         return None
-    for name in _SINGLE:
-        if len(found.get(name, ())) > 1:
-            raise AddressingError(f"wsa:{name} appears {len(found[name])} times; at most once is allowed",
-                                  "InvalidCardinality")
-
-    def text(name: str) -> str | None:
-        blocks = found.get(name)
-        return None if blocks is None else (blocks[0].text or "")
-
-    return AddressingHeaders(action=text("Action"), message_id=text("MessageID"), to=text("To"),
-                             reply_to=_endpoint(found, "ReplyTo"), fault_to=_endpoint(found, "FaultTo"),
-                             relates_to=text("RelatesTo"))
+    action, message_id, to, relates_to = (found.get(name) for name in ("Action", "MessageID", "To", "RelatesTo"))
+    return AddressingHeaders(action=None if action is None else action.text or "",
+                             message_id=None if message_id is None else message_id.text or "",
+                             to=None if to is None else to.text or "",
+                             reply_to=_endpoint(found.get("ReplyTo"), "ReplyTo"),
+                             fault_to=_endpoint(found.get("FaultTo"), "FaultTo"),
+                             relates_to=None if relates_to is None else relates_to.text or "")
 
 
-def _endpoint(found: dict[str, list[etree._Element]], name: str) -> EndpointReference | None:
-    if name not in found:
+def _endpoint(element: etree._Element | None, name: str) -> EndpointReference | None:
+    if element is None:
         return None
-    (element,) = found[name]
     address = element.find(_W + "Address")
     if address is None:
         raise AddressingError(f"wsa:{name} has no wsa:Address", "MissingAddressInEPR")
