@@ -102,13 +102,18 @@ def request(body: str, version) -> bytes:
 
 def both(body: str, version):
     """(arguments seen, reply bytes) from the compiled core and from spyne's."""
-    answers = []
-    for core in cores(version):
+    return answers(cores(version), body, version)
+
+
+def answers(pair, body: str, version):
+    """(arguments seen, reply bytes) from each core of ``pair`` for the same request."""
+    results = []
+    for core in pair:
         SEEN.clear()
         answered = core.process(request(body, version))
         assert answered.called
-        answers.append((list(SEEN), answered.result.body))
-    return answers
+        results.append((list(SEEN), answered.result.body))
+    return results
 
 
 VERSIONS = [SOAP11, SOAP12]
@@ -364,16 +369,6 @@ def shape_cores(version):
         SHAPES[version] = (SoapCore([Shapes], TNS, "Shapes", soap_version=version),
                            SoapCore([Shapes], TNS, "Shapes", soap_version=version, fast_path=False))
     return SHAPES[version]
-
-
-def answers(pair, body: str, version):
-    results = []
-    for core in pair:
-        SEEN.clear()
-        answered = core.process(request(body, version))
-        assert answered.called
-        results.append((list(SEEN), answered.result.body))
-    return results
 
 
 SPOT = "<t:spots><t:x>3</t:x><t:label>here</t:label><t:tags>a</t:tags><t:tags/><t:tags>c</t:tags></t:spots>"
