@@ -18,7 +18,8 @@ keeps spyne's pipeline for it).  An operation qualifies when:
   service class nor the application has spyne event listeners (they would be
   skipped) or its own ``call_wrapper``;
 * every argument, and the result if there is one (at most one), is a
-  *compilable type*: a :data:`SIMPLE_TYPES` value, or a ``ComplexModel``
+  *compilable type*: a :data:`SIMPLE_TYPES` value (text, integers, booleans,
+  and binary when the protocols carry it as base64), or a ``ComplexModel``
   (not an ``Array``/``Iterable`` wrapper, not a fault, no ``__extends__``,
   no XML attributes, alternative names, excluded members or body-as-text
   members) in the operation's own namespace whose members are all
@@ -31,14 +32,15 @@ differential tests in ``tests/transports/soap/test_fastpath.py``: a missing
 member keeps what the type's constructor gives (None), an ``xsi:nil``
 element is None, an empty text element is ``""``, a repeated member is a list
 of what was there, a complex value an instance of its class built as spyne
-builds it.  One deliberate difference: a boolean is read as XML Schema says,
+builds it, binary a one-chunk tuple (spyne's ``ByteArray`` value).  One deliberate difference: a boolean is read as XML Schema says,
 whitespace collapsed (`` 1 `` is true); spyne 2.14 compares the raw text and
 reads it as false.
 
 Writing: :meth:`OperationCodec.encode` returns the reply envelope, or None
 when some value is not exactly what the codec writes — a str for text, an
 int (not a bool) for an integer, a bool for a boolean, an instance of
-exactly the declared class for a complex value, a list or tuple for a
+exactly the declared class for a complex value, bytes or a non-empty list or
+tuple of bytes chunks for binary, a list or tuple for a
 repeated member, None only where spyne would leave the element out, text with
 no character XML cannot carry; the core then asks spyne to write that reply,
 so unusual values are answered exactly as before, errors included.  The
@@ -48,10 +50,13 @@ empty-element forms), so callers see the same bytes whichever path wrote it.
 from __future__ import annotations
 
 import re
+from base64 import b64decode, b64encode
 from typing import Callable, Sequence
 
 from lxml import etree
-from spyne import BODY_STYLE_WRAPPED, Array, Boolean, ComplexModelBase, Fault, Integer, ServiceBase, Unicode
+from spyne import (BODY_STYLE_WRAPPED, Array, Boolean, ByteArray, ComplexModelBase, Fault, Integer, ServiceBase,
+                   Unicode)
+from spyne.model.binary import BINARY_ENCODING_BASE64, BINARY_ENCODING_USE_DEFAULT
 from spyne.model.complex import XmlAttribute
 
 __all__ = ["SIMPLE_TYPES", "OperationCodec", "FastMethodContext", "compile_operation"]
@@ -82,6 +87,11 @@ def _read_boolean(text: str | None) -> bool:
     return text.strip() in ("true", "1")
 
 
+def _read_binary(text: str | None) -> tuple[bytes] | None:
+    # spyne's ByteArray: a one-chunk tuple; characters outside base64 (whitespace) are skipped, as there
+    return None if text is None else (b64decode(text),)
+
+
 def _escape(value: str) -> str:
     """Text content as lxml writes it (``\\r`` as a character reference, so a reader gets it back)."""
     if "&" in value or "<" in value or ">" in value or "\r" in value:
@@ -99,6 +109,14 @@ def _write_integer(value: object) -> str:
     if type(value) is not int:
         raise _Unwritable
     return str(value)
+
+
+def _write_binary(value: object) -> str:
+    if type(value) is bytes:
+        return b64encode(value).decode("ascii")
+    if (type(value) is list or type(value) is tuple) and value and all(type(chunk) is bytes for chunk in value):
+        return b64encode(b"".join(value)).decode("ascii")  # chunks, as spyne's ByteArray holds them
+    raise _Unwritable
 
 
 def _write_boolean(value: object) -> str:
@@ -126,6 +144,7 @@ SIMPLE_TYPES: dict[type, _SimpleCodec] = {
     Unicode: _SimpleCodec(_read_text, _write_text),
     Integer: _SimpleCodec(_read_integer, _write_integer),
     Boolean: _SimpleCodec(_read_boolean, _write_boolean),
+    ByteArray: _SimpleCodec(_read_binary, _write_binary),  # base64, the SOAP protocols' binary encoding
 }
 
 
@@ -217,8 +236,10 @@ class _ComplexCodec:
 class _Compiler:
     """Compiles the types of one operation; every complex type must be in ``namespace``."""
 
-    def __init__(self, namespace: str):
+    def __init__(self, namespace: str, base64: bool):
         self.namespace = namespace
+        #: Whether binary values travel as base64 both ways (the SOAP protocols' default).
+        self.base64 = base64
         self._complex: dict[type, _ComplexCodec | None] = {}
 
     def members(self, cls) -> list[_Member] | None:
@@ -244,6 +265,9 @@ class _Compiler:
         base = getattr(cls, "__orig__", None) or cls
         if base is Unicode or base is Boolean:  # not AnyUri & co.: they read into other types
             return SIMPLE_TYPES[base]
+        if base is ByteArray:
+            return SIMPLE_TYPES[base] if self.base64 and cls.Attributes.encoding is BINARY_ENCODING_USE_DEFAULT \
+                else None
         if issubclass(base, Integer):  # bounded and unsigned integers read and write as ints too
             return SIMPLE_TYPES[Integer]
         if not issubclass(base, ComplexModelBase) or issubclass(base, (Array, Fault)) \
@@ -328,7 +352,8 @@ def compile_operation(application, descriptor, envelope_ns: str) -> OperationCod
         return None
     in_message, out_message = descriptor.in_message, descriptor.out_message
     namespace = out_message.get_namespace()
-    compiler = _Compiler(namespace)
+    compiler = _Compiler(namespace, application.in_protocol.binary_encoding == BINARY_ENCODING_BASE64
+                         and application.out_protocol.binary_encoding == BINARY_ENCODING_BASE64)
     arguments = compiler.members(in_message)
     results = compiler.members(out_message)
     if arguments is None or results is None or len(results) > 1:

@@ -72,6 +72,20 @@ class Simple(ServiceBase):
             return Failure(Refused("as a failure"))
         raise RuntimeError("secret detail")
 
+    @rpc(ByteArray, _returns=ByteArray)
+    def blob(ctx, data):
+        SEEN.append(data)
+        return data
+
+    @rpc(Unicode, _returns=ByteArray)
+    def blob_of(ctx, kind):
+        return {"bytes": b"\x00\xffhello", "chunks": [b"he", b"llo"], "tuple": (b"x",), "empty": b"",
+                "no chunks": [], "text": "hello", "bytearray": bytearray(b"ab"), "mixed": [b"a", "b"]}[kind]
+
+    @rpc(Unicode, _returns=ByteArray.customize(max_occurs=5))
+    def blobs(ctx, kind):
+        return {"list": [b"ab", b"\x00\xff"], "chunked": [[b"a", b"b"]], "bytes": b"xyz", "empty": []}[kind]
+
     @rpc(Unicode, _returns=Unicode)
     def deferred(ctx, text):
         return defer.succeed(text.upper())
@@ -143,7 +157,16 @@ SAME = [
     "<t:refuse><t:why>plain</t:why></t:refuse>",
     "<t:refuse><t:why>failure</t:why></t:refuse>",
     "<t:refuse><t:why>bug</t:why></t:refuse>",
+    "<t:blob><t:data>aGVsbG8=</t:data></t:blob>",
+    "<t:blob><t:data> aGVs\n bG8= </t:data></t:blob>",
+    "<t:blob><t:data></t:data></t:blob>",
+    "<t:blob><t:data xsi:nil='true'/></t:blob>",
+    "<t:blob/>",
+    *(f"<t:blob_of><t:kind>{kind}</t:kind></t:blob_of>" for kind in
+      ["bytes", "chunks", "tuple", "empty", "no chunks", "text", "bytearray", "mixed"]),
+    *(f"<t:blobs><t:kind>{kind}</t:kind></t:blobs>" for kind in ["list", "chunked", "bytes", "empty"]),
     # refused before any codec runs: both paths must agree on these too
+    "<t:blob><t:data>not base64!</t:data></t:blob>",
     "<t:add><t:first>two</t:first></t:add>",
     "<t:add><t:b>1</t:b></t:add>",
     "<t:echo><t:flag>yes</t:flag></t:echo>",
@@ -231,7 +254,7 @@ def test_what_is_compiled_and_what_keeps_spyne():
             return "", 0
 
     core = SoapCore([Mixed], TNS, "Mixed")
-    compiled = {"plain", "complex_in", "complex_out", "repeated"}
+    compiled = {"plain", "complex_in", "complex_out", "repeated", "binary"}
     assert {codec.descriptor.operation_name for codec in core._codecs.values()} == compiled
     descriptors = [d for ds in core.application.interface.service_method_map.values() for d in ds]
     assert {d.operation_name for d in descriptors if compile_operation(core.application, d, SOAP11.envelope_ns)} \
