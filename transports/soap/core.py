@@ -140,7 +140,7 @@ from twisted.python.failure import Failure
 from twisted.logger import Logger
 
 from dsmt.transports.soap import HTTP_TRANSPORT, PSEPR_TRANSPORT, addressing
-from dsmt.transports.soap.fastpath import FastMethodContext, OperationCodec, compile_operation
+from dsmt.transports.soap.fastpath import FastMethodContext, OperationCodec, UnreadableValue, compile_operation
 from dsmt.transports.xmlsafe import DEFAULT_MAX_DEPTH, XmlSafetyError, check_depth, parse_xml
 
 __all__ = [
@@ -170,6 +170,9 @@ MAX_ENVELOPE_DEPTH = DEFAULT_MAX_DEPTH
 WSDL_CACHE_SIZE = 8
 #: Operations named in an UnknownOperation fault (the reason stays short).
 MAX_LISTED_OPERATIONS = 20
+#: Longest reason a fault repeats from a request's content (spyne's casting errors quote the whole value:
+#: a 1 MiB envelope must not come back as a 1 MiB fault).
+MAX_QUOTED_REASON_CHARS = 300
 
 _XML_LANG = "{http://www.w3.org/XML/1998/namespace}lang"
 _WSDL = "{http://schemas.xmlsoap.org/wsdl/}"
@@ -295,6 +298,13 @@ def envelope_too_large(limit: int, size: int | None = None) -> SoapFault:
     """The fault for an envelope over ``limit`` bytes (``size`` when known, else "more than")."""
     amount = f"{size} bytes" if size is not None else f"more than {limit} bytes"
     return SoapFault.sender("EnvelopeTooLarge", f"SOAP envelope is {amount}, over the limit of {limit} bytes")
+
+
+def _brief(reason: str) -> str:
+    """``reason`` cut to :data:`MAX_QUOTED_REASON_CHARS` characters, saying so when cut."""
+    if len(reason) <= MAX_QUOTED_REASON_CHARS:
+        return reason
+    return reason[:MAX_QUOTED_REASON_CHARS] + f"… ({len(reason)} characters in all)"
 
 
 def _internal_error() -> SoapFault:
@@ -815,7 +825,7 @@ class SoapCore:
             if ctx.in_error is None:
                 self._server.get_in_object(ctx)
             if ctx.in_error is not None:
-                raise SoapFault.sender("InvalidBody", str(ctx.in_error.faultstring))
+                raise SoapFault.sender("InvalidBody", _brief(str(ctx.in_error.faultstring)))
             self._server.get_out_object(ctx)
             single = _returns_one(ctx.descriptor)
             try:
@@ -834,7 +844,10 @@ class SoapCore:
         """Step 8 for an operation with a compiled codec (``fastpath``): the method is called as spyne would
         call it, with the same answers to values, Deferreds, coroutines and exceptions."""
         descriptor = codec.descriptor
-        args = codec.decode(body)
+        try:
+            args = codec.decode(body)
+        except UnreadableValue as exc:
+            raise SoapFault.sender("InvalidBody", _brief(str(exc))) from None
         try:
             result = codec.function(*args) if codec.no_ctx else codec.function(
                 FastMethodContext(self.application, descriptor, context), *args)

@@ -50,6 +50,7 @@ empty-element forms), so callers see the same bytes whichever path wrote it.
 from __future__ import annotations
 
 import re
+import sys
 from base64 import b64decode, b64encode
 from typing import Callable, Sequence
 
@@ -59,7 +60,7 @@ from spyne import (BODY_STYLE_WRAPPED, Array, Boolean, ByteArray, ComplexModelBa
 from spyne.model.binary import BINARY_ENCODING_BASE64, BINARY_ENCODING_USE_DEFAULT
 from spyne.model.complex import XmlAttribute
 
-__all__ = ["SIMPLE_TYPES", "OperationCodec", "FastMethodContext", "compile_operation"]
+__all__ = ["SIMPLE_TYPES", "OperationCodec", "FastMethodContext", "UnreadableValue", "compile_operation"]
 
 _XSI_NIL = "{http://www.w3.org/2001/XMLSchema-instance}nil"
 #: Characters XML 1.0 cannot carry in text (§2.2), lone surrogates included: such a value goes to spyne,
@@ -71,6 +72,11 @@ _ENVELOPE_PREFIX = {"http://schemas.xmlsoap.org/soap/envelope/": "soap11env",
 _DECLARATION = "<?xml version='1.0' encoding='UTF-8'?>\n"
 
 
+class UnreadableValue(ValueError):
+    """A schema-valid value this process cannot turn into a Python value (an integer of more digits than
+    Python converts); the core answers it as an ``InvalidBody`` fault naming the element."""
+
+
 class _Unwritable(Exception):
     """A value the compiled writer does not write: spyne writes the whole reply instead."""
 
@@ -80,7 +86,11 @@ def _read_text(text: str | None) -> str:
 
 
 def _read_integer(text: str | None) -> int:
-    return int(text)  # the schema admitted it: optional sign, digits, surrounding whitespace
+    try:
+        return int(text)  # the schema admitted it: optional sign, digits, surrounding whitespace
+    except ValueError:  # only Python's guard against quadratic conversions is left: over 4300 digits
+        raise UnreadableValue(f"an integer of {len(text.strip())} digits, over the "
+                              f"{sys.get_int_max_str_digits()} this service reads") from None
 
 
 def _read_boolean(text: str | None) -> bool:
@@ -158,7 +168,14 @@ class _Member:
         self.repeated, self.required = repeated, required
 
     def read(self, element: etree._Element) -> object:
-        return None if element.get(_XSI_NIL) in ("true", "1") else self.codec.read(element)
+        if element.get(_XSI_NIL) in ("true", "1"):
+            return None
+        try:
+            return self.codec.read(element)
+        except UnreadableValue as exc:
+            if str(exc).startswith("{"):  # named by a member further down already
+                raise
+            raise UnreadableValue(f"{self.tag}: {exc}") from None
 
     def write(self, parts: list, value: object) -> None:
         """Spyne's rule: a repeated member writes each item; a None is left out unless the member is

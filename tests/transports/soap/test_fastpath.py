@@ -445,3 +445,17 @@ def test_a_slice_report_on_many_nodes_is_written_alike():
         bodies.append(core.process((f'<s:Envelope xmlns:s="{SOAP11.envelope_ns}"><s:Body>{body}</s:Body>'
                                     "</s:Envelope>").encode()).result.body)
     assert bodies[0] == bodies[1] and bodies[0].count(b"<tns:result>") == 200
+
+
+@pytest.mark.parametrize("version", VERSIONS, ids=lambda v: v.name)
+def test_an_integer_too_long_to_convert_is_a_short_invalid_body_fault_on_both_paths(version):
+    """xs:integer has no length limit; Python converts at most 4300 digits.  Both paths answer a Sender
+    InvalidBody fault whose reason stays short, not an internal error or a fault quoting every digit."""
+    body = "<t:regroup><t:group><t:name>g</t:name><t:size>" + "7" * 5000 + "</t:size></t:group></t:regroup>"
+    for core in shape_cores(version):
+        reply = core.process(request(body, version)).result
+        assert reply.is_fault and reply.fault.code == "Sender", reply.body[:300]
+        assert [subcode.localname for subcode in reply.fault.subcodes] == ["InvalidBody"]
+        assert len(reply.fault.reason) < 400
+    compiled = shape_cores(version)[0].process(request(body, version)).result
+    assert compiled.fault.reason == f"{{{TNS}}}size: an integer of 5000 digits, over the 4300 this service reads"
