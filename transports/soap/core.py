@@ -684,11 +684,11 @@ class SoapCore:
                         data, (header, body) = filtered, self._read(filtered, content_type, context)
                     except _Refused as refused:  # addressing was read already: the reply headers follow
                         raise refused.fault from None
-            reply, action = await self._call(body, context)
+            reply, action, headed = await self._call(body, context)
         except SoapFault as fault:
             context.fault = fault
-            reply, action = fault.to_envelope(self.version), fault.action or addressing.FAULT_ACTION
-        if context.addressing is not None:
+            reply, action, headed = fault.to_envelope(self.version), fault.action or addressing.FAULT_ACTION, False
+        if context.addressing is not None and not headed:
             reply = addressing.insert_headers(reply, addressing.reply_headers(
                 context.addressing, action=action, fault=context.fault is not None))
         for envelope_filter in reversed(entered):
@@ -797,9 +797,10 @@ class SoapCore:
             log.failure("inbound filter {filter!r} failed", filter=envelope_filter)
             raise _internal_error() from None
 
-    async def _call(self, body: etree._Element, context: CallContext) -> tuple[bytes, str]:
-        """Steps 7–8: find and validate the operation, run it (compiled codec or spyne); return the reply and
-        its Action."""
+    async def _call(self, body: etree._Element, context: CallContext) -> tuple[bytes, str, bool]:
+        """Steps 7–8: find and validate the operation, run it (compiled codec or spyne); return the reply, its
+        Action, and whether the reply carries its WS-Addressing headers already (the compiled path writes
+        them in place)."""
         descriptors = self._operations.get(body.tag)
         if not descriptors:
             names = sorted({d.operation_name for ds in self._operations.values() for d in ds})
@@ -814,7 +815,7 @@ class SoapCore:
             raise SoapFault.sender("InvalidBody", next(iter(self._schema.error_log)).message)
         codec = self._codecs.get(body.tag)
         if codec is not None:
-            return await self._call_compiled(codec, body, context, actions), actions.output
+            return await self._call_compiled(codec, body, context, actions), actions.output, True
         ctx = MethodContext(self._server, MethodContext.SERVER)
         ctx.udc = context
         header = body.getparent().getprevious()
@@ -835,14 +836,15 @@ class SoapCore:
             except Exception:
                 log.failure("{operation} failed", operation=ctx.descriptor.operation_name)
                 raise _internal_error() from None
-            return self._spyne_reply(ctx, result), actions.output
+            return self._spyne_reply(ctx, result), actions.output, False
         finally:
             ctx.close()
 
     async def _call_compiled(self, codec: OperationCodec, body: etree._Element, context: CallContext,
                              actions: _Actions) -> bytes:
         """Step 8 for an operation with a compiled codec (``fastpath``): the method is called as spyne would
-        call it, with the same answers to values, Deferreds, coroutines and exceptions."""
+        call it, with the same answers to values, Deferreds, coroutines and exceptions.  The reply carries
+        its WS-Addressing headers (when the request had some)."""
         descriptor = codec.descriptor
         try:
             args = codec.decode(body)
@@ -860,11 +862,13 @@ class SoapCore:
         except Exception:
             log.failure("{operation} failed", operation=descriptor.operation_name)
             raise _internal_error() from None
-        reply = codec.encode(result)
+        headers = b"" if context.addressing is None else addressing.reply_headers(context.addressing,
+                                                                                   action=actions.output)
+        reply = codec.encode(result, headers)
         if reply is None:  # a value the codec does not write: spyne writes it (or fails on it) as it always has
             ctx = self._spyne_context(descriptor, context)
             try:
-                reply = self._spyne_reply(ctx, result)
+                reply = addressing.insert_headers(self._spyne_reply(ctx, result), headers)
             finally:
                 ctx.close()
         return reply

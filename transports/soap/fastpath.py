@@ -330,10 +330,12 @@ class OperationCodec:
         self._arguments = {member.tag: member for member in arguments}
         self._keys = tuple(member.key for member in arguments)
         prefix = _ENVELOPE_PREFIX[envelope_ns]
-        head = f'{_DECLARATION}<{prefix}:Envelope xmlns:{prefix}="{envelope_ns}" xmlns:tns="{namespace}"><{prefix}:Body>'
+        self._head = f'{_DECLARATION}<{prefix}:Envelope xmlns:{prefix}="{envelope_ns}" xmlns:tns="{namespace}">'
+        self._header = f"<{prefix}:Header>".encode(), f"</{prefix}:Header>".encode()
+        self._body = f"<{prefix}:Body>"
         tail = f"</{prefix}:Body></{prefix}:Envelope>"
-        self._empty = f"{head}<tns:{response_name}/>{tail}".encode()
-        self._open, self._close = f"{head}<tns:{response_name}>", f"</tns:{response_name}>{tail}"
+        self._empty = f"{self._body}<tns:{response_name}/>{tail}"
+        self._open, self._close = f"{self._body}<tns:{response_name}>", f"</tns:{response_name}>{tail}"
         self._result = result
 
     def decode(self, body: etree._Element) -> list:
@@ -342,19 +344,23 @@ class OperationCodec:
         _read_members(self._arguments, body, found)
         return [found.get(key) for key in self._keys]
 
-    def encode(self, value: object) -> bytes | None:
-        """The reply envelope for the method's return value, or None when spyne must write it."""
-        if self._result is None:
-            return self._empty
-        parts = [self._open]
-        try:
-            self._result.write(parts, value)
-        except _Unwritable:
-            return None
-        if len(parts) == 1:
-            return self._empty
-        parts.append(self._close)
-        return "".join(parts).encode()
+    def encode(self, value: object, headers: bytes = b"") -> bytes | None:
+        """The reply envelope for the method's return value, with ``headers`` (serialised header blocks)
+        in its SOAP Header when there are any; None when spyne must write it."""
+        parts = [self._head, self._open]
+        if self._result is not None:
+            try:
+                self._result.write(parts, value)
+            except _Unwritable:
+                return None
+        if len(parts) == 2:
+            parts[1] = self._empty
+        else:
+            parts.append(self._close)
+        if not headers:
+            return "".join(parts).encode()
+        opening, closing = self._header
+        return b"".join((parts[0].encode(), opening, headers, closing, "".join(parts[1:]).encode()))
 
 
 def compile_operation(application, descriptor, envelope_ns: str) -> OperationCodec | None:

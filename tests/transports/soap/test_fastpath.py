@@ -459,3 +459,23 @@ def test_an_integer_too_long_to_convert_is_a_short_invalid_body_fault_on_both_pa
         assert len(reply.fault.reason) < 400
     compiled = shape_cores(version)[0].process(request(body, version)).result
     assert compiled.fault.reason == f"{{{TNS}}}size: an integer of 5000 digits, over the 4300 this service reads"
+
+
+@pytest.mark.parametrize("version", VERSIONS, ids=lambda v: v.name)
+@pytest.mark.parametrize("operation", ["<t:echo><t:text>hi</t:text></t:echo>", "<t:consume/>",
+                                       "<t:odd><t:kind>int</t:kind></t:odd>",
+                                       "<t:refuse><t:why>declared</t:why></t:refuse>"])
+def test_replies_with_addressing_headers_are_alike(version, operation):
+    """The compiled path writes the reply's WS-Addressing headers in place; spyne's reply gets them spliced
+    in.  Apart from each reply's own fresh MessageID the bytes are the same."""
+    import re
+    header = ('<s:Header><wsa:MessageID xmlns:wsa="http://www.w3.org/2005/08/addressing">urn:uuid:'
+              '0b1d4a36-1f5e-4c3a-9d0e-3c1d2e4f5a6b</wsa:MessageID><wsa:ReplyTo xmlns:wsa='
+              '"http://www.w3.org/2005/08/addressing"><wsa:Address>psepr:/org/dsmt/ns/reply/x/</wsa:Address>'
+              "</wsa:ReplyTo></s:Header>")
+    data = request(operation, version).replace(b"<s:Body>", header.encode() + b"<s:Body>")
+    replies = [core.process(data).result.body for core in cores(version)]
+    fresh = re.compile(rb"(<wsa:MessageID[^>]*>)urn:uuid:[0-9a-f-]{36}(</wsa:MessageID>)")
+    assert [len(fresh.findall(reply)) for reply in replies] == [1, 1]
+    assert fresh.sub(rb"\1X\2", replies[0]) == fresh.sub(rb"\1X\2", replies[1])
+    assert b"<wsa:RelatesTo" in replies[0] and b"psepr:/org/dsmt/ns/reply/x/" in replies[0]
