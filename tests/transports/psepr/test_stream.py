@@ -326,6 +326,19 @@ def test_wrap_message_options_and_declarations():
         wrap_message(b"<?xml version='1.0' encoding='UTF-16'?>" + event)
     with pytest.raises(ValueError):
         wrap_message(event, expire_seconds=-1)
+    wrap_message(event, expire_seconds=1)  # cached: True == 1 must not find it
+    for _ in range(2):  # the wrapper's start is cached: refusals are not
+        with pytest.raises(ValueError, match="non-negative int, not True"):
+            wrap_message(event, expire_seconds=True)  # was written as seconds="True"
+        with pytest.raises(ValueError, match="non-negative int, not 1.5"):
+            wrap_message(event, expire_seconds=1.5)
+        with pytest.raises(TypeError, match="expected str, not list"):
+            wrap_message(event, to=["psepr"])
+        with pytest.raises(ValueError, match="U\\+0000"):
+            wrap_message(event, to="a\x00")
+    assert wrap_message(event, expire_seconds=1) != wrap_message(event, expire_seconds=2)
+    assert wrap_message(b"<?xml?>" + event).startswith(b'<message to="psepr"><x') and b"<?xml?>" in \
+        wrap_message(b"<?xml?>" + event)  # not a declaration: kept as it is
 
 
 @pytest.mark.parametrize("build", [
