@@ -37,7 +37,6 @@ Contract, whatever the backend:
 """
 from __future__ import annotations
 
-import dataclasses
 import itertools
 from collections import deque
 import random
@@ -416,7 +415,7 @@ class PsEPRConnection:
         if not isinstance(event, Event):
             raise TypeError(f"send() takes an Event, not {type(event).__name__}")
         if event.from_service is None and event.from_instance is None:
-            event = dataclasses.replace(event, from_service=self.service, from_instance=self.instance)
+            event = event.with_sender(self.service, self.instance)
         xml = event_to_xml(event)
         if len(xml) > MAX_EVENT_BYTES:
             raise EventTooLarge(f"event on {event.channel} is {len(xml)} bytes of XML; PsEPR carries at most "

@@ -185,3 +185,86 @@ def test_invalid_payloads_cannot_be_built():
 def test_legacy_namespace_never_written():
     event = parse_event(REFERENCE)
     assert LEGACY_ATTRIBUTE_NS.encode() not in event_to_xml(event)
+
+
+@pytest.mark.parametrize("service, instance, complaint", [
+    (" padded", None, "from/service ' padded' must be non-empty"),
+    ("ok", "", "from/instance '' must be non-empty"),
+    ("ok", "a\x01b", "from/instance contains a character XML cannot carry: U\\+0001"),
+    ("x" * 256, None, "from/service is longer than 255 characters"),
+    (b"bytes", None, "from/service must be text, not bytes"),
+])
+def test_with_sender_checks_the_sender_like_the_constructor(service, instance, complaint):
+    event = Event("/a/", AttributePayload("f", "v"), to_service="s", to_instance="i")
+    with pytest.raises(EventError, match=complaint):
+        event.with_sender(service, instance)
+    with pytest.raises(EventError, match=complaint):
+        Event("/a/", AttributePayload("f", "v"), from_service=service, from_instance=instance)
+
+
+def test_with_sender_keeps_every_other_field():
+    event = Event("/a/b/", AttributePayload("f", "v"), to_service="s", to_instance="i")
+    assert event.with_sender("me", "host") == Event("/a/b/", AttributePayload("f", "v"), to_service="s",
+                                                    to_instance="i", from_service="me", from_instance="host")
+    assert event.with_sender(None, None) == event
+
+
+def test_cached_checks_still_refuse_after_accepting():
+    """Channels and names are checked through caches: a good value cached must not let a bad one through."""
+    Event("/a/", AttributePayload("f", "v"), to_service="name")
+    for kwargs, complaint in ((dict(to_service="name "), "non-empty"), (dict(channel="/a//"), "empty segment"),
+                              (dict(channel=b"/a/"), "must be text"), (dict(to_instance=7), "must be text")):
+        with pytest.raises(EventError, match=complaint):
+            Event(**{"channel": "/a/", "payload": AttributePayload("f", "v"), **kwargs})
+
+
+def reference_event_xml(event: Event) -> bytes:
+    """event_to_xml as it was written before its parts were cached: the oracle for the cached version."""
+    def escape(text):
+        return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("\r", "&#13;")
+
+    def leaf(tag, text):
+        return "" if text is None else f"<{tag}>{escape(text)}</{tag}>"
+
+    payload = event.payload
+    if isinstance(payload, AttributePayload):
+        expire = "" if payload.expire is None else f"<expire>{payload.expire}</expire>"
+        body = (f'<payload xmlns="{ATTRIBUTE_NS}"><field>{escape(payload.field)}</field>'
+                f"<value>{escape(payload.value)}</value>{expire}</payload>")
+    elif isinstance(payload, LeasePayload):
+        body = (f'<payload xmlns="{LEASE_NS}"><duration>{payload.duration}</duration>'
+                f"<identifier>{escape(payload.identifier)}</identifier><op>{payload.op}</op>"
+                f"{leaf('type', payload.payload_type)}</payload>")
+    else:
+        body = payload.xml.decode("utf-8")
+    sender = ""
+    if event.from_service is not None or event.from_instance is not None:
+        sender = f"<from>{leaf('service', event.from_service)}{leaf('instance', event.from_instance)}</from>"
+    return (f'<event xmlns="http://psepr.org/xs/event"><to><channel>{escape(event.channel)}</channel>'
+            f"{leaf('service', event.to_service)}{leaf('instance', event.to_instance)}</to>{sender}{body}</event>"
+            ).encode("utf-8")
+
+
+OPAQUE = st.sampled_from([OpaquePayload("urn:x", b'<payload xmlns="urn:x"><a>caf\xc3\xa9 &amp; &lt;</a></payload>'),
+                          OpaquePayload("urn:y", b'<payload xmlns="urn:y"/>')])
+
+
+@settings(max_examples=200, deadline=None)
+@given(CHANNEL, NAME, NAME, st.none() | TEXT.filter(lambda t: t and t == t.strip() and len(t) <= 255), NAME,
+       st.one_of(OPAQUE, st.builds(AttributePayload, st.just("f"), TEXT), st.builds(LeasePayload, st.just("id"),
+                                                                                   st.integers(0, 10**6))))
+def test_event_to_xml_is_byte_for_byte_what_it_was(channel, to_service, to_instance, from_service, from_instance,
+                                                   payload):
+    event = Event(channel, payload, to_service, to_instance, from_service, from_instance)
+    for _ in range(2):  # the second time from the cache of event heads
+        assert event_to_xml(event) == reference_event_xml(event)
+    parsed = parse_event(event_to_xml(event))  # (an opaque payload comes back re-serialised by lxml)
+    assert (parsed.channel, parsed.to_instance, parsed.from_service) == (channel, to_instance, from_service)
+
+
+def test_event_to_xml_still_refuses_an_opaque_payload_that_is_not_utf8():
+    payload = object.__new__(OpaquePayload)  # cannot be built by the constructor (it parses), nor parsed
+    object.__setattr__(payload, "namespace", "urn:x")
+    object.__setattr__(payload, "xml", b'<payload xmlns="urn:x">\xff</payload>')
+    with pytest.raises(UnicodeDecodeError):
+        event_to_xml(Event("/a/", payload))

@@ -15,7 +15,7 @@ from twisted.trial import unittest
 from dsmt.transports.psepr.event import Event, OpaquePayload
 from dsmt.transports.psepr_soap import (
     GUARANTEED_ENVELOPE_BYTES, MAX_ESCAPED_ENVELOPE_BYTES, PAYLOAD_NS, CallTimeout, EnvelopeTooLarge,
-    PsEPRSoapEndpoint, PsEPRTransport, ReplyCache, ReplyToPlugin, decode_payload, encode_payload, escaped_size,
+    PayloadError, PsEPRSoapEndpoint, PsEPRTransport, ReplyCache, ReplyToPlugin, decode_payload, encode_payload, escaped_size,
     multicast_call, parse_address, service_address, service_channel)
 from dsmt.transports.soap import PSEPR_TRANSPORT, addressing, wssec
 from dsmt.transports.soap.core import SOAP11, SOAP12, SoapCore
@@ -139,6 +139,59 @@ class Framing(unittest.TestCase):
         for bad, reason in ((b"\xff\xfe<a/>", "as UTF-8; this one is not"), (b"<a>\x01</a>", "XML cannot carry")):
             with self.assertRaisesRegex(Exception, reason):
                 encode_payload(bad)
+
+    def test_unusable_envelopes_name_the_first_offender(self):
+        for bad, reason in ((b"<a>ok</a>\x0b<b>\x01</b>", r"\(b'\\x0b' at byte 9\)"),
+                            ("<a>é\ufffe</a>".encode(), r"\(b'\\xef\\xbf\\xbe' at byte 5\)"),
+                            ("<a>\uffff\x02</a>".encode(), r"\(b'\\xef\\xbf\\xbf' at byte 3\)"),
+                            ("<a>é\x1f\ufffe</a>".encode(), r"\(b'\\x1f' at byte 5\)"),
+                            (b"<a>\xc3</a>", "invalid continuation byte at byte 3"),
+                            (b"<a>\xed\xa0\x80</a>", "as UTF-8; this one is not")):
+            with self.assertRaisesRegex(PayloadError, reason):
+                encode_payload(bad)
+        for good in ("<a>\t\r\n é \ufffd \U0001F600</a>".encode(), b""):
+            self.assertEqual(decode_payload(OpaquePayload.from_xml(encode_payload(good, None).xml))[0] if good
+                             else encode_payload(good).namespace, good if good else PAYLOAD_NS)
+
+    def test_content_types_are_checked_every_time(self):
+        for _ in range(2):  # the second time from the cache of payload heads: refusals are not cached
+            with self.assertRaisesRegex(PayloadError, "unusable content type"):
+                encode_payload(b"<a/>", "text/xml\x01")
+            with self.assertRaisesRegex(PayloadError, "unusable content type"):
+                encode_payload(b"<a/>", "t" * 256)
+            with self.assertRaisesRegex(PayloadError, "content type must be text, not bytes"):
+                encode_payload(b"<a/>", b"text/xml")
+        payload = encode_payload(b"<a/>", "a&b <c>")
+        self.assertIn(b"<content-type>a&amp;b &lt;c&gt;</content-type>", payload.xml)
+        self.assertEqual(decode_payload(OpaquePayload.from_xml(payload.xml)), (b"<a/>", "a&b <c>"))
+
+    def test_addresses_are_parsed_and_refused_every_time(self):
+        self.assertEqual(parse_address("psepr:/org/dsmt/ns/soap/x/?instance=n1"), ("/org/dsmt/ns/soap/x/", "n1"))
+        self.assertIs(parse_address("psepr:/org/dsmt/ns/soap/x/"), parse_address("psepr:/org/dsmt/ns/soap/x/"))
+        for _ in range(2):
+            with self.assertRaisesRegex(ValueError, "is not a psepr: address"):
+                parse_address("http://x/")
+            with self.assertRaisesRegex(ValueError, "the only query parameter is one instance="):
+                parse_address("psepr:/a/?instance=x&instance=y")
+
+    def test_body_and_fault_are_found_as_find_would(self):
+        from dsmt.transports.psepr_soap import _is_fault, _operation_name
+        s11 = "http://schemas.xmlsoap.org/soap/envelope/"
+        cases = [
+            (f"<e:Envelope xmlns:e='{s11}'><e:Header/><e:Body><e:Fault/></e:Body></e:Envelope>", True, "Fault"),
+            (f"<e:Envelope xmlns:e='{s11}'><e:Body><!--c--><x:op xmlns:x='urn:x'/></e:Body></e:Envelope>", False,
+             "op"),
+            (f"<e:Envelope xmlns:e='{s11}'><e:Body><x:op xmlns:x='urn:x'/><e:Fault/></e:Body></e:Envelope>", True,
+             "op"),
+            (f"<e:Envelope xmlns:e='{s11}'><e:Body><op/></e:Body><e:Body><e:Fault/></e:Body></e:Envelope>", False,
+             "op"),  # the first Body counts, as with find()
+            (f"<e:Envelope xmlns:e='{s11}'><e:Header/></e:Envelope>", False, "?"),
+            ("<Envelope><Body><Fault/></Body></Envelope>", False, "?"),  # no namespace: no SOAP Body
+            (f"<e:Envelope xmlns:e='{s11}'><Body><e:Fault/></Body></e:Envelope>", False, "?"),
+        ]
+        for xml, fault, operation in cases:
+            root = etree.fromstring(xml)
+            self.assertEqual((_is_fault(root), _operation_name(root)), (fault, operation), xml)
 
     def test_reply_cache_bounds(self):
         now = [0.0]
