@@ -11,7 +11,15 @@ Processes (all on 127.0.0.1, each with its own reactor):
   fresh MessageID per call.  HTTP callers write prepared requests on persistent connections and read
   the replies' ``Content-Length``; PsEPR callers use :class:`PsEPRTransport` itself (``post``: the
   event is built and sent, the reply is decoded, parsed and correlated by ``RelatesTo``) — the PsEPR
-  client does more per call than the HTTP one, never less.
+  client does more per call than the HTTP one, never less.  All load processes of a point are started
+  before any result is read, so they measure the same window (``bench/soap_http.py`` hands each its
+  request on stdin with ``communicate`` one process after the other: its second process starts only
+  when the first has finished, so its 20-caller rows add up two 10-caller runs that each had the server
+  alone — about twice the rate of 20 concurrent callers).
+* CPU per call: every load process reads, at the start and end of its measured window, its own CPU
+  time and that of the service and the router (``/proc/<pid>/stat``; Linux only, else ``-``); the
+  table prints µs of CPU per counted call and the share of one core, per role.  What limits a point
+  shows there: HTTP raw runs the service at 100 % of a core; PsEPR spends CPU in three processes.
 * multicast: ``N`` instances (10, 100, 200) spread over ``--hosts`` processes, each instance its own
   ``PsEPRConnection`` + endpoint; a caller process runs ``multicast_call(expected=N)`` ``--rounds``
   times and reports the time until every reply is in (p50, p99).
@@ -78,6 +86,49 @@ def emit(**fields) -> None:
     print(json.dumps(fields), flush=True)
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of process ``pid`` so far, from ``/proc`` (None where there is none)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            fields = stat.read().rsplit(b")", 1)[1].split()  # after the command name, which may hold spaces
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime: fields 14, 15
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class CpuWindow:
+    """CPU seconds spent during a load process's measured window by the load process itself (``load``) and by
+    the processes named in ``BENCH_WATCH`` (``name:pid,…``: the service and the router), read at the window's
+    start and end from the reactor, so the figures cover exactly the calls counted."""
+
+    def __init__(self, reactor, warmup: float, seconds: float):
+        watched = (item.split(":") for item in os.environ.get("BENCH_WATCH", "").split(",") if item)
+        self.pids = {"load": os.getpid(), **{name: int(pid) for name, pid in watched}}
+        self._spent: dict[str, float | None] | None = None
+        self._began: dict[str, float | None] = {}
+        reactor.callLater(warmup, self._start)
+        self._stopping = reactor.callLater(warmup + seconds, self._stop)
+
+    def _start(self) -> None:
+        self._began = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+
+    def _stop(self) -> None:
+        if self._spent is None:
+            self._spent = {}
+            for name, pid in self.pids.items():
+                now, began = cpu_seconds(pid), self._began.get(name)
+                self._spent[name] = None if now is None or began is None else now - began
+
+    @property
+    def spent(self) -> dict[str, float | None]:
+        """{name: CPU seconds, or None when unknown}; read right after the window when the timer has not fired
+        yet (the last calls end a moment after it, and the reactor may stop first)."""
+        if self._stopping.active():
+            self._stopping.cancel()
+        self._stop()
+        return self._spent
+
+
 # ---------------------------------------------------------------- child roles
 
 def role_router() -> None:
@@ -136,9 +187,14 @@ def role_load_http(port: int, callers: int, warmup: float, seconds: float) -> No
 
     from soap_http import load
 
+    from twisted.internet import reactor
+
     template = request_template(make_core("http://schemas.xmlsoap.org/soap/http"), f"http://127.0.0.1:{port}/soap")
+    window = CpuWindow(reactor, warmup, seconds)  # load() prints its JSON line; the CPU figures follow on another
+    gc.freeze()
     load(port, "/soap", template, callers, warmup, seconds,
          make_body=lambda: template.replace(b"@MID@", f"urn:uuid:{uuid.uuid4()}".encode()))
+    emit(cpu=window.spent)
 
 
 def role_load_treq(port: int, callers: int, warmup: float, seconds: float) -> None:
@@ -173,8 +229,10 @@ def role_load_treq(port: int, callers: int, warmup: float, seconds: float) -> No
         gc.freeze()
         start = time.perf_counter_ns() + int(warmup * 1e9)
         stop = start + int(seconds * 1e9)
+        window = CpuWindow(reactor, warmup, seconds)
         yield defer.gatherResults([defer.ensureDeferred(caller(transport, start, stop)) for _ in range(callers)])
         emit(calls=len(latencies), failures=failures[0], latencies_us=[n // 1000 for n in latencies])
+        emit(cpu=window.spent)
         yield defer.ensureDeferred(transport.aclose())
         reactor.stop()
 
@@ -219,9 +277,11 @@ def role_load_psepr(url: str, callers: int, warmup: float, seconds: float, insta
         gc.freeze()
         start = time.perf_counter_ns() + int(warmup * 1e9)
         stop = start + int(seconds * 1e9)
+        window = CpuWindow(reactor, warmup, seconds)
         yield defer.gatherResults([defer.ensureDeferred(caller(transport, template, start, stop))
                                    for _ in range(callers)])
         emit(calls=len(latencies), failures=failures[0], latencies_us=[n // 1000 for n in latencies])
+        emit(cpu=window.spent)
         reactor.stop()
 
     main().addErrback(lambda f: (f.printTraceback(file=sys.stderr), reactor.stop()))
@@ -259,9 +319,9 @@ def role_multicast(url: str, instances: int, rounds: int, deadline: float) -> No
 
 # ---------------------------------------------------------------- orchestration
 
-def spawn(*args: str) -> subprocess.Popen:
+def spawn(*args: str, **env: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, str(HERE), *args], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            env=child_env(), text=True)
+                            env=child_env(**env), text=True)
 
 
 def first_line(process: subprocess.Popen) -> dict:
@@ -282,23 +342,39 @@ def stop(*processes: subprocess.Popen) -> None:
             process.kill()
 
 
-def run_load(kind: str, target: str, callers: int, processes: int, warmup: float, seconds: float) -> dict:
+def run_load(kind: str, target: str, callers: int, processes: int, warmup: float, seconds: float,
+             watch: dict[str, int]) -> dict:
+    """Run ``callers`` split over ``processes`` load processes, all started before any result is read (they
+    measure the same window).  ``watch``: processes whose CPU the load processes sample over their window."""
     splits = [callers // processes + (1 if n < callers % processes else 0) for n in range(processes)]
+    environment = {"BENCH_WATCH": ",".join(f"{name}:{pid}" for name, pid in watch.items())}
     children = []
     for n, share in enumerate(s for s in splits if s):
         if kind in ("http", "treq"):
-            children.append(spawn(f"load-{kind}", target, str(share), str(warmup), str(seconds)))
+            children.append(spawn(f"load-{kind}", target, str(share), str(warmup), str(seconds), **environment))
         else:
-            children.append(spawn("load-psepr", target, str(share), str(warmup), str(seconds), f"caller{n}"))
-    calls, failures, latencies = 0, 0, []
+            children.append(spawn("load-psepr", target, str(share), str(warmup), str(seconds), f"caller{n}",
+                                  **environment))
+    calls, failures, latencies, cpu = 0, 0, [], {}
     for child in children:
         result = first_line(child)
+        spent = first_line(child)["cpu"]
         child.wait()
         calls += result["calls"]
         failures += result["failures"]
         latencies += result["latencies_us"]
+        for name, seconds_spent in spent.items():  # the load processes add up; the watched ones are shared
+            if seconds_spent is not None:
+                cpu[name] = cpu.get(name, 0.0) + seconds_spent if name == "load" else seconds_spent
     return {"rate": calls / seconds, "p50": percentile(latencies, 0.5) / 1000, "p99": percentile(latencies, 0.99) / 1000,
-            "failures": failures}
+            "failures": failures, "calls": calls, "cpu": cpu}
+
+
+def cpu_cell(row: dict, role: str) -> str:
+    spent = row["cpu"].get(role)
+    if spent is None or not row["calls"]:
+        return "-"
+    return f"{1e6 * spent / row['calls']:.0f} ({100 * spent / (row['calls'] / row['rate']):.0f}%)"
 
 
 def main(argv: list[str]) -> int:
@@ -342,18 +418,25 @@ def main(argv: list[str]) -> int:
         processes.append(server)
         http_port = first_line(server)["http_port"]
         rows = {}
+        watch = {"service": server.pid, "router": router.pid}
         for callers in (1, 20):
             split = 1 if callers == 1 else options.load_processes
             rows[("HTTP raw", callers)] = run_load("http", str(http_port), callers, split, options.warmup,
-                                                   options.seconds)
+                                                   options.seconds, watch)
             rows[("HTTP treq", callers)] = run_load("treq", str(http_port), callers, split, options.warmup,
-                                                    options.seconds)
-            rows[("PsEPR", callers)] = run_load("psepr", url, callers, split, options.warmup, options.seconds)
+                                                    options.seconds, watch)
+            rows[("PsEPR", callers)] = run_load("psepr", url, callers, split, options.warmup, options.seconds,
+                                                watch)
         stop(server)
         processes.remove(server)
-        print(f"{'transport':<11}{'callers':>8}{'calls/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'failed':>8}")
+        roles = ("service", "router", "load")
+        print(f"{'transport':<11}{'callers':>8}{'calls/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'failed':>8}   "
+              + "".join(f"{role + ' µs/call (%)':>22}" for role in roles))
         for (kind, callers), row in rows.items():
-            print(f"{kind:<11}{callers:>8}{row['rate']:>10.0f}{row['p50']:>9.2f}{row['p99']:>9.2f}{row['failures']:>8}")
+            cpu = "".join(f"{cpu_cell(row, role):>22}" for role in roles)
+            print(f"{kind:<11}{callers:>8}{row['rate']:>10.0f}{row['p50']:>9.2f}{row['p99']:>9.2f}{row['failures']:>8}"
+                  f"   {cpu}")
+        print("(CPU over the measured window: per call counted, and in % of one core; the router idles for HTTP)")
 
         print(f"\n{'multicast to':<14}{'hosts':>6}{'rounds':>8}{'complete':>10}{'p50 s':>8}{'p99 s':>8}")
         multicast = {}
