@@ -230,7 +230,12 @@ def run_load(args, port: int, path: str, body: str, callers: int) -> dict:
                                   str(args.warmup), str(args.seconds)],
                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=child_env(), text=True)
                 for share in shares]
-    results = [json.loads(child.communicate(body)[0]) for child in children]
+    for child in children:  # every process gets its request before any result is read: they load the server together
+        child.stdin.write(body)
+        child.stdin.close()
+    results = [json.loads(child.stdout.read()) for child in children]
+    for child in children:
+        child.wait()
     if any(child.returncode for child in children):
         raise RuntimeError(f"a load process for {path} failed")
     latencies = [value for result in results for value in result["latencies_us"]]

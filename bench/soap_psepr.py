@@ -12,10 +12,7 @@ Processes (all on 127.0.0.1, each with its own reactor):
   the replies' ``Content-Length``; PsEPR callers use :class:`PsEPRTransport` itself (``post``: the
   event is built and sent, the reply is decoded, parsed and correlated by ``RelatesTo``) — the PsEPR
   client does more per call than the HTTP one, never less.  All load processes of a point are started
-  before any result is read, so they measure the same window (``bench/soap_http.py`` hands each its
-  request on stdin with ``communicate`` one process after the other: its second process starts only
-  when the first has finished, so its 20-caller rows add up two 10-caller runs that each had the server
-  alone — about twice the rate of 20 concurrent callers).
+  before any result is read, so they measure the same window.
 * CPU per call: every load process reads, at the start and end of its measured window, its own CPU
   time and that of the service and the router (``/proc/<pid>/stat``; Linux only, else ``-``); the
   table prints µs of CPU per counted call and the share of one core, per role.  What limits a point
