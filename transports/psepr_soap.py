@@ -66,7 +66,7 @@ from dsmt.transports.psepr.client import PsEPRError
 from dsmt.transports.psepr.event import MAX_EVENT_BYTES, Event, OpaquePayload
 from dsmt.transports.soap import PSEPR_TRANSPORT, addressing
 from dsmt.transports.soap.zeepsupport import binding_classes
-from dsmt.transports.xmlsafe import XmlSafetyError, parse_xml
+from dsmt.transports.xmlsafe import XmlSafetyError, parse_xml, split_tag
 
 __all__ = [
     "PSEPR_TRANSPORT", "PAYLOAD_NS", "SERVICE_CHANNEL_PREFIX", "REPLY_CHANNEL_PREFIX", "FRAMING_RESERVE",
@@ -274,12 +274,6 @@ def parse_address(address: str) -> tuple[str, str | None]:
     return parts.path, instance
 
 
-def _namespace(element) -> str | None:
-    """The namespace of an element's tag (``etree.QName`` does the same at several times the cost)."""
-    tag = element.tag
-    return tag[1:tag.index("}")] if tag[:1] == "{" else None
-
-
 def _service_name(channel: str) -> str:
     return channel[len(SERVICE_CHANNEL_PREFIX):].strip("/") if channel.startswith(SERVICE_CHANNEL_PREFIX) else channel
 
@@ -297,7 +291,7 @@ def _reply_channel(reply_to: addressing.EndpointReference | None) -> str | None:
 
 def _lenient_reply_to(envelope) -> addressing.EndpointReference | None:
     """The first ReplyTo's address of an envelope whose WS-Addressing headers are otherwise unusable."""
-    header = envelope.find("{%s}Header" % _namespace(envelope))
+    header = envelope.find("{%s}Header" % split_tag(envelope.tag)[0])
     address = None if header is None else header.find(f"{_WSA}ReplyTo/{_WSA}Address")
     return None if address is None else addressing.EndpointReference((address.text or "").strip())
 
@@ -311,7 +305,7 @@ def _read_addressing(envelope) -> addressing.AddressingHeaders | None:
     over the Header (what correlation needs); anything less plain — a repeated header, reference
     parameters, a ReplyTo without Address — goes to ``read_headers`` itself, which decides."""
     header = envelope[0] if len(envelope) else None
-    if header is None or header.tag != "{%s}Header" % _namespace(envelope):
+    if header is None or header.tag != "{%s}Header" % split_tag(envelope.tag)[0]:
         return None
     message_id = reply_to = relates_to = None
     plain = True
@@ -339,7 +333,7 @@ def _read_addressing(envelope) -> addressing.AddressingHeaders | None:
 
 def _body(envelope):
     """The envelope's first Body child (what ``envelope.find`` returns, without its path compilation), or None."""
-    tag = "{%s}Body" % _namespace(envelope)
+    tag = "{%s}Body" % split_tag(envelope.tag)[0]
     for child in envelope:
         if child.tag == tag:
             return child
@@ -350,7 +344,7 @@ def _is_fault(envelope) -> bool:
     body = _body(envelope)
     if body is None:
         return False
-    fault = "{%s}Fault" % _namespace(envelope)
+    fault = "{%s}Fault" % split_tag(envelope.tag)[0]
     return any(child.tag == fault for child in body)
 
 
@@ -489,7 +483,7 @@ class PsEPRSoapEndpoint(_service.Service):
         except (PayloadError, XmlSafetyError) as exc:
             self._drop("dropped_malformed", event, str(exc))
             return
-        if _namespace(root) not in _SOAP_ENVELOPES:
+        if split_tag(root.tag)[0] not in _SOAP_ENVELOPES:
             self._drop("dropped_malformed", event, f"not a SOAP envelope: {root.tag}")
             return
         try:

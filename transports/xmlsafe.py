@@ -16,7 +16,7 @@ import functools
 
 from lxml import etree
 
-__all__ = ["XmlSafetyError", "parse_xml", "check_depth", "DEFAULT_MAX_DEPTH"]
+__all__ = ["XmlSafetyError", "parse_xml", "check_depth", "split_tag", "DEFAULT_MAX_DEPTH"]
 
 #: Nesting depth allowed unless a caller says otherwise.  PsEPR events are at
 #: most 5 levels deep; a WS-Security-signed SOAP envelope inside an opaque
@@ -86,3 +86,12 @@ def check_depth(root, max_depth: int, what: str = "document") -> None:
         raise ValueError("max_depth must be at least 1")
     if _deeper_than(max_depth)(root):
         raise XmlSafetyError(f"{what} is nested deeper than {max_depth} elements")
+
+
+def split_tag(tag: str) -> tuple[str | None, str]:
+    """(namespace or None, local name) of an lxml element's tag in Clark notation — what ``etree.QName`` gives,
+    at a fraction of its cost (hot paths read every envelope's and event's tags)."""
+    if tag[:1] == "{":
+        namespace, _, local = tag[1:].partition("}")
+        return namespace, local
+    return None, tag

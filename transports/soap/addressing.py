@@ -38,6 +38,8 @@ from xml.sax.saxutils import escape
 
 from lxml import etree
 
+from dsmt.transports.xmlsafe import split_tag
+
 __all__ = [
     "WSA_NS", "ANONYMOUS", "NONE_ADDRESS", "FAULT_ACTION", "AddressingError", "EndpointReference",
     "AddressingHeaders", "new_message_id", "read_headers", "reply_headers", "request_headers", "insert_headers",
@@ -105,8 +107,8 @@ def read_headers(envelope: etree._Element) -> AddressingHeaders | None:
     Raises :class:`AddressingError` for a header repeated that may appear once
     and for a ``ReplyTo``/``FaultTo`` without an ``Address``.
     """
-    tag = envelope.tag
-    return read_header_blocks(envelope.find(tag[:tag.index("}") + 1] + "Header") if tag[:1] == "{" else None)
+    namespace = split_tag(envelope.tag)[0]
+    return read_header_blocks(None if namespace is None else envelope.find(f"{{{namespace}}}Header"))
 
 
 def read_header_blocks(header: etree._Element | None) -> AddressingHeaders | None:
