@@ -198,10 +198,7 @@ def encode_payload(envelope: bytes, content_type: str | None = None) -> OpaquePa
     text = envelope.replace(b"&", b"&amp;").replace(b"<", b"&lt;").replace(b"\r", b"&#13;")
     if b"]]>" in text:
         text = text.replace(b"]]>", b"]]&gt;")
-    payload = object.__new__(OpaquePayload)  # well-formed by construction: skip OpaquePayload's second parse
-    object.__setattr__(payload, "namespace", PAYLOAD_NS)
-    object.__setattr__(payload, "xml", head + b"<envelope>" + text + b"</envelope></payload>")
-    return payload
+    return OpaquePayload.built(PAYLOAD_NS, head + b"<envelope>" + text + b"</envelope></payload>")
 
 
 def decode_payload(payload) -> tuple[bytes, str | None]:

@@ -184,6 +184,17 @@ class OpaquePayload:
             raise EventError(str(exc)) from None
         return _opaque_from_element(element)
 
+    @classmethod
+    def built(cls, namespace: str, xml: bytes) -> "OpaquePayload":
+        """A payload whose ``xml`` a builder of this package wrote itself, well-formed by construction: not
+        parsed again (the constructor's check is one safe parse).  Callers own that promise; the
+        receiving side parses it as any other."""
+        payload = object.__new__(cls)
+        object.__setattr__(payload, "namespace", namespace)
+        object.__setattr__(payload, "xml", xml)
+        object.__setattr__(payload, "_parsed", None)
+        return payload
+
     def element(self):
         """The payload as an lxml element (parsed again, safely)."""
         return parse_xml(self.xml, max_bytes=MAX_EVENT_BYTES, what="payload")
