@@ -15,8 +15,9 @@ keeps spyne's pipeline for it).  An operation qualifies when:
 
 * it is a plain ``@rpc`` of a ``ServiceBase`` (``no_self``) with a wrapped
   body, no SOAP header types, no auxiliary processing, and neither the
-  service class nor the application has spyne event listeners (they would be
-  skipped) or its own ``call_wrapper``;
+  service class nor the application has spyne event listeners when the core
+  is built (they would be skipped; listeners added later are not seen on this
+  path) or its own ``call_wrapper``;
 * every argument, and the result if there is one (at most one), is a
   *compilable type*: a :data:`SIMPLE_TYPES` value (text, integers, booleans,
   and binary when the protocols carry it as base64), or a ``ComplexModel``

@@ -94,6 +94,11 @@ class Simple(ServiceBase):
     async def coroutine(ctx, text):
         return text[::-1]
 
+    @rpc(Unicode, _returns=Unicode, _no_ctx=True)
+    def no_context(text):
+        SEEN.append(text)
+        return text.upper()
+
     @rpc(_returns=Unicode)
     def context(ctx):
         return f"{type(ctx).__name__}:{ctx.udc.transport}:{ctx.descriptor.operation_name}"
@@ -157,6 +162,7 @@ SAME = [
     "<t:refuse><t:why>plain</t:why></t:refuse>",
     "<t:refuse><t:why>failure</t:why></t:refuse>",
     "<t:refuse><t:why>bug</t:why></t:refuse>",
+    "<t:no_context><t:text>quiet</t:text></t:no_context>",
     "<t:blob><t:data>aGVsbG8=</t:data></t:blob>",
     "<t:blob><t:data> aGVs\n bG8= </t:data></t:blob>",
     "<t:blob><t:data></t:data></t:blob>",
