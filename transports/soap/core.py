@@ -43,11 +43,12 @@ Pipeline, in order; each step either passes or answers a fault:
    (``UnknownOperation``), the request's ``wsa:Action``, when present, must be
    that operation's (``wsa:ActionNotSupported``), and the Body must be valid against the service's schema
    (``InvalidBody``; lxml's XML Schema validator, see below).
-8. **Call**: operations made of text, integers, booleans and complex types
-   of them are read and answered by a codec compiled when the core is built
-   (:mod:`dsmt.transports.soap.fastpath`, a fraction of spyne's cost per
-   call); the others go through spyne's pipeline.  Either way the service method may return a value, a Deferred or a coroutine
-   (``async def``).  A spyne ``Fault`` it raises is answered as that fault; any
+8. **Call**: operations made of text, integers, booleans, binary and complex
+   types of them are read and answered by a codec compiled when the core is
+   built (:mod:`dsmt.transports.soap.fastpath`, a fraction of spyne's cost per
+   call; the reply's WS-Addressing headers written in place); the others go
+   through spyne's pipeline.  Either way the service method may return a
+   value, a Deferred or a coroutine (``async def``).  A spyne ``Fault`` it raises is answered as that fault; any
    other exception is logged with its traceback and answered as
    ``Receiver``/``InternalError`` without any detail.
 9. **Outbound filters** run in reverse order on the reply bytes (signing).
