@@ -9,14 +9,23 @@ libxml2's "huge tree" mode lift its own internal limits.
 
 Limits are arguments because each caller knows its own: a PsEPR event is capped
 at 1 MiB (see ``dsmt.transports.psepr.event``), a SOAP envelope has its own cap.
+
+Beside the parser, the small text helpers every codec of the project shares:
+:data:`NOT_XML_CHAR`, :func:`escape_text` and :func:`split_tag`.
 """
 from __future__ import annotations
 
 import functools
+import re
 
 from lxml import etree
 
-__all__ = ["XmlSafetyError", "parse_xml", "check_depth", "split_tag", "DEFAULT_MAX_DEPTH"]
+__all__ = ["XmlSafetyError", "parse_xml", "check_depth", "split_tag", "escape_text", "NOT_XML_CHAR",
+           "DEFAULT_MAX_DEPTH"]
+
+#: A character XML 1.0 cannot carry (outside its Char production, §2.2; lone surrogates included): text
+#: holding one must be refused before it is written.
+NOT_XML_CHAR = re.compile("[^\t\n\r\u0020-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
 
 #: Nesting depth allowed unless a caller says otherwise.  PsEPR events are at
 #: most 5 levels deep; a WS-Security-signed SOAP envelope inside an opaque
@@ -95,3 +104,11 @@ def split_tag(tag: str) -> tuple[str | None, str]:
         namespace, _, local = tag[1:].partition("}")
         return namespace, local
     return None, tag
+
+
+def escape_text(text: str) -> str:
+    """``text`` as element content: ``&``, ``<`` and ``>`` escaped, and CR written as ``&#13;`` (a literal CR
+    would be read back as LF).  The caller has checked it against :data:`NOT_XML_CHAR`."""
+    if "&" in text or "<" in text or ">" in text or "\r" in text:  # most text has none: no copies then
+        text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("\r", "&#13;")
+    return text

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 from lxml import etree
 
-from dsmt.transports.xmlsafe import XmlSafetyError, check_depth, parse_xml, split_tag
+from dsmt.transports.xmlsafe import NOT_XML_CHAR, XmlSafetyError, check_depth, escape_text, parse_xml, split_tag
 
 
 @pytest.mark.parametrize("tag", ["{urn:a}b", "{http://x/y}z-1", "plain", "{}empty", "{urn:a:b}c.d"])
@@ -31,3 +31,21 @@ def test_check_depth_counts_the_root():
     check_depth(root, 3)
     with pytest.raises(XmlSafetyError):
         check_depth(root, 2)
+
+
+@pytest.mark.parametrize("text, written", [
+    ("plain", "plain"),
+    ("a & b < c > d", "a &amp; b &lt; c &gt; d"),
+    ("line\r\nnext", "line&#13;\nnext"),
+    ("&amp;", "&amp;amp;"),
+    ("é\U0001f600\t", "é\U0001f600\t"),
+])
+def test_escape_text_reads_back_as_the_same_text(text, written):
+    assert escape_text(text) == written
+    assert etree.fromstring(f"<a>{escape_text(text)}</a>".encode()).text == text
+
+
+@pytest.mark.parametrize("text, bad", [("ok\t\n\r", False), ("\x00", True), ("\x1f", True), ("\ufffe", True),
+                                       ("\udc80", True), ("\U0010ffff", False), ("\ud7ff", False)])
+def test_not_xml_char_finds_what_xml_cannot_carry(text, bad):
+    assert (NOT_XML_CHAR.search(text) is not None) is bad

@@ -29,14 +29,13 @@ from __future__ import annotations
 
 import copy
 import functools
-import re
 from dataclasses import dataclass, field
 from typing import Union
 
 from lxml import etree
 
 from dsmt.transports.psepr.channel import ChannelError, channel_problem, validate_channel
-from dsmt.transports.xmlsafe import XmlSafetyError, check_depth, parse_xml, split_tag
+from dsmt.transports.xmlsafe import NOT_XML_CHAR, XmlSafetyError, check_depth, escape_text, parse_xml, split_tag
 
 __all__ = [
     "EVENT_NS", "ATTRIBUTE_NS", "LEGACY_ATTRIBUTE_NS", "LEASE_NS", "MAX_EVENT_BYTES", "MAX_EVENT_DEPTH",
@@ -64,7 +63,6 @@ MAX_NAME_CHARS = 255
 MAX_TYPE_CHARS = 1024
 
 _E = "{%s}" % EVENT_NS
-_XML_CHARS = re.compile("[^\u0009\u000a\u000d\u0020-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
 
 
 class EventError(ValueError):
@@ -81,7 +79,7 @@ def _check_text(what: str, text: str, *, max_chars: int | None = None) -> str:
         raise EventError(f"{what} must be text, not {type(text).__name__}")
     if max_chars is not None and len(text) > max_chars:
         raise EventError(f"{what} is longer than {max_chars} characters")
-    bad = _XML_CHARS.search(text)
+    bad = NOT_XML_CHAR.search(text)
     if bad:
         raise EventError(f"{what} contains a character XML cannot carry: U+{ord(bad.group()):04X}")
     return text
@@ -102,7 +100,7 @@ def _check_name(what: str, name: str | None) -> str | None:
 def _good_name(name: str) -> bool:
     """Whether a service or instance name passes :func:`_check_name` (cached: the same few names recur in every
     event a connection sends; a bad one is re-checked by the caller, which raises)."""
-    return (len(name) <= MAX_NAME_CHARS and _XML_CHARS.search(name) is None and bool(name)
+    return (len(name) <= MAX_NAME_CHARS and NOT_XML_CHAR.search(name) is None and bool(name)
             and name == name.strip())
 
 
@@ -567,23 +565,18 @@ def _int(text: str | None, what: str) -> int | None:
 
 # ---------------------------------------------------------------- building
 
-def _escape(text: str) -> str:
-    """Escape text content; CR becomes a character reference so XML's newline normalisation keeps it."""
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("\r", "&#13;")
-
-
 def _leaf(tag: str, text: str | None) -> str:
-    return "" if text is None else f"<{tag}>{_escape(text)}</{tag}>"
+    return "" if text is None else f"<{tag}>{escape_text(text)}</{tag}>"
 
 
 def _payload_xml(payload: Payload) -> str:
     if isinstance(payload, AttributePayload):
         expire = "" if payload.expire is None else f"<expire>{payload.expire}</expire>"
-        return (f'<payload xmlns="{ATTRIBUTE_NS}"><field>{_escape(payload.field)}</field>'
-                f"<value>{_escape(payload.value)}</value>{expire}</payload>")
+        return (f'<payload xmlns="{ATTRIBUTE_NS}"><field>{escape_text(payload.field)}</field>'
+                f"<value>{escape_text(payload.value)}</value>{expire}</payload>")
     if isinstance(payload, LeasePayload):
         return (f'<payload xmlns="{LEASE_NS}"><duration>{payload.duration}</duration>'
-                f"<identifier>{_escape(payload.identifier)}</identifier><op>{payload.op}</op>"
+                f"<identifier>{escape_text(payload.identifier)}</identifier><op>{payload.op}</op>"
                 f"{_leaf('type', payload.payload_type)}</payload>")
     return payload.xml.decode("utf-8")
 
@@ -607,5 +600,5 @@ def _event_head(channel: str, to_service, to_instance, from_service, from_instan
     sender = ""
     if from_service is not None or from_instance is not None:
         sender = f"<from>{_leaf('service', from_service)}{_leaf('instance', from_instance)}</from>"
-    return (f'<event xmlns="{EVENT_NS}"><to><channel>{_escape(channel)}</channel>'
+    return (f'<event xmlns="{EVENT_NS}"><to><channel>{escape_text(channel)}</channel>'
             f"{_leaf('service', to_service)}{_leaf('instance', to_instance)}</to>{sender}").encode("utf-8")

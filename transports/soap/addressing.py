@@ -34,11 +34,10 @@ import functools
 import os
 import re
 from dataclasses import dataclass
-from xml.sax.saxutils import escape
 
 from lxml import etree
 
-from dsmt.transports.xmlsafe import split_tag
+from dsmt.transports.xmlsafe import NOT_XML_CHAR, escape_text, split_tag
 
 __all__ = [
     "WSA_NS", "ANONYMOUS", "NONE_ADDRESS", "FAULT_ACTION", "AddressingError", "EndpointReference",
@@ -181,16 +180,10 @@ def request_headers(*, action: str, to: str, message_id: str | None = None,
     return b"".join(blocks)
 
 
-#: Characters XML 1.0 cannot carry (outside its Char production).
-_NOT_XML_CHARS = re.compile("[^\t\n\r\u0020-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
-
-
 def _escaped(name: str, text: str) -> bytes:
-    if _NOT_XML_CHARS.search(text):
+    if NOT_XML_CHAR.search(text):
         raise ValueError(f"wsa:{name} {text!r} holds characters XML cannot carry")
-    if "&" in text or "<" in text or ">" in text or "\r" in text:
-        text = escape(text, {"\r": "&#13;"})  # a literal CR would be read back as LF
-    return text.encode()
+    return escape_text(text).encode()
 
 
 def _block(name: str, text: str) -> bytes:

@@ -50,7 +50,6 @@ empty-element forms), so callers see the same bytes whichever path wrote it.
 """
 from __future__ import annotations
 
-import re
 import sys
 from base64 import b64decode, b64encode
 from typing import Callable, Sequence
@@ -61,12 +60,11 @@ from spyne import (BODY_STYLE_WRAPPED, Array, Boolean, ByteArray, ComplexModelBa
 from spyne.model.binary import BINARY_ENCODING_BASE64, BINARY_ENCODING_USE_DEFAULT
 from spyne.model.complex import XmlAttribute
 
+from dsmt.transports.xmlsafe import NOT_XML_CHAR, escape_text
+
 __all__ = ["SIMPLE_TYPES", "OperationCodec", "FastMethodContext", "UnreadableValue", "compile_operation"]
 
 _XSI_NIL = "{http://www.w3.org/2001/XMLSchema-instance}nil"
-#: Characters XML 1.0 cannot carry in text (§2.2), lone surrogates included: such a value goes to spyne,
-#: which refuses it the way it always has.
-_NOT_XML_CHAR = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
 #: The envelope prefixes spyne writes, so a reply has the same bytes whichever path wrote it.
 _ENVELOPE_PREFIX = {"http://schemas.xmlsoap.org/soap/envelope/": "soap11env",
                     "http://www.w3.org/2003/05/soap-envelope": "soap12env"}
@@ -103,17 +101,10 @@ def _read_binary(text: str | None) -> tuple[bytes] | None:
     return None if text is None else (b64decode(text),)
 
 
-def _escape(value: str) -> str:
-    """Text content as lxml writes it (``\\r`` as a character reference, so a reader gets it back)."""
-    if "&" in value or "<" in value or ">" in value or "\r" in value:
-        value = value.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("\r", "&#13;")
-    return value
-
-
 def _write_text(value: object) -> str:
-    if type(value) is not str or _NOT_XML_CHAR.search(value):
+    if type(value) is not str or NOT_XML_CHAR.search(value):  # spyne refuses such text, as it always has
         raise _Unwritable
-    return _escape(value)
+    return escape_text(value)  # as lxml writes text content
 
 
 def _write_integer(value: object) -> str:
