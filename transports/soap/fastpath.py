@@ -135,7 +135,10 @@ class _SimpleCodec:
         self.read_text, self.write_text = read, write
 
     def read(self, element: etree._Element) -> object:
-        return self.read_text(element.text)
+        try:
+            return self.read_text(element.text)
+        except UnreadableValue as exc:  # the reader knows the value, the element is named here
+            raise UnreadableValue(f"{element.tag}: {exc}") from None
 
     def write(self, parts: list, value: object, name: str) -> None:
         parts.append(f"<tns:{name}>{self.write_text(value)}</tns:{name}>")
@@ -160,14 +163,7 @@ class _Member:
         self.repeated, self.required = repeated, required
 
     def read(self, element: etree._Element) -> object:
-        if element.get(_XSI_NIL) in ("true", "1"):
-            return None
-        try:
-            return self.codec.read(element)
-        except UnreadableValue as exc:
-            if str(exc).startswith("{"):  # named by a member further down already
-                raise
-            raise UnreadableValue(f"{self.tag}: {exc}") from None
+        return None if element.get(_XSI_NIL) in ("true", "1") else self.codec.read(element)
 
     def write(self, parts: list, value: object) -> None:
         """Spyne's rule: a repeated member writes each item; a None is left out unless the member is
@@ -208,17 +204,12 @@ def _read_members(members: dict[str, _Member], element: etree._Element, into: di
 class _ComplexCodec:
     """A ``ComplexModel`` whose members are all compilable."""
 
-    def __init__(self, cls: type):
+    def __init__(self, cls: type, members: Sequence[_Member]):
         self.cls = cls
-        self.members: tuple[_Member, ...] = ()
-        self._by_tag: dict[str, _Member] = {}
-        #: spyne's constructor costs ~3 µs to set every member to None (no defaults here, no properties, no
-        #: SQLAlchemy): the same instance is made by filling the dict of a bare one, in 0.1 µs.
-        self._blank: dict[str, None] = {}
-
-    def finish(self, members: Sequence[_Member]) -> None:
         self.members = tuple(members)
         self._by_tag = {member.tag: member for member in members}
+        #: spyne's constructor costs ~3 µs to set every member to None (no defaults here, no properties, no
+        #: SQLAlchemy): the same instance is made by filling the dict of a bare one, in 0.1 µs.
         self._blank = dict.fromkeys(member.key for member in members)
 
     def read(self, element: etree._Element) -> object:
@@ -289,9 +280,7 @@ class _Compiler:
         members = self.members(base)
         if members is None:
             return None
-        codec = _ComplexCodec(base)
-        codec.finish(members)
-        self._complex[base] = codec
+        codec = self._complex[base] = _ComplexCodec(base, members)
         return codec
 
 
