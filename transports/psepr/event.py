@@ -77,31 +77,41 @@ def canonical_payload_type(namespace: str | None) -> str | None:
 def _check_text(what: str, text: str, *, max_chars: int | None = None) -> str:
     if not isinstance(text, str):
         raise EventError(f"{what} must be text, not {type(text).__name__}")
+    problem = _text_problem(text, max_chars)
+    if problem is not None:
+        raise EventError(f"{what} {problem}")
+    return text
+
+
+def _text_problem(text: str, max_chars: int | None) -> str | None:
+    """What makes ``text`` unusable in an event (too long, a character XML cannot carry), or None."""
     if max_chars is not None and len(text) > max_chars:
-        raise EventError(f"{what} is longer than {max_chars} characters")
+        return f"is longer than {max_chars} characters"
     bad = NOT_XML_CHAR.search(text)
     if bad:
-        raise EventError(f"{what} contains a character XML cannot carry: U+{ord(bad.group()):04X}")
-    return text
+        return f"contains a character XML cannot carry: U+{ord(bad.group()):04X}"
+    return None
 
 
 def _check_name(what: str, name: str | None) -> str | None:
     if name is None:
         return None
-    if name.__class__ is str and _good_name(name):
-        return name
-    _check_text(what, name, max_chars=MAX_NAME_CHARS)
-    if not name or name != name.strip():
-        raise EventError(f"{what} {name!r} must be non-empty without surrounding whitespace")
+    if not isinstance(name, str):
+        raise EventError(f"{what} must be text, not {type(name).__name__}")
+    problem = _name_problem(name)
+    if problem is not None:
+        raise EventError(f"{what} {problem}")
     return name
 
 
 @functools.lru_cache(maxsize=4096)
-def _good_name(name: str) -> bool:
-    """Whether a service or instance name passes :func:`_check_name` (cached: the same few names recur in every
-    event a connection sends; a bad one is re-checked by the caller, which raises)."""
-    return (len(name) <= MAX_NAME_CHARS and NOT_XML_CHAR.search(name) is None and bool(name)
-            and name == name.strip())
+def _name_problem(name: str) -> str | None:
+    """What makes a service or instance name unusable, or None (cached: the same few names recur in every
+    event a connection sends)."""
+    problem = _text_problem(name, MAX_NAME_CHARS)
+    if problem is None and (not name or name != name.strip()):
+        problem = f"{name!r} must be non-empty without surrounding whitespace"
+    return problem
 
 
 @dataclass(frozen=True, slots=True)
