@@ -29,7 +29,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dsmt.transports.psepr.channel import ChannelError, validate_channel
-from dsmt.transports.psepr.event import EventError, OpaquePayload, _escape, _leaf
+from dsmt.transports.psepr.event import EventError, OpaquePayload, _leaf
+from dsmt.transports.xmlsafe import escape_text
 
 __all__ = ["PLDBGET_NS", "PLDBATTRLIST_NS", "PldbQuery", "PldbAttr", "PldbReply", "MAX_PART_BYTES",
            "reply_parts", "parse_query", "parse_reply"]
@@ -61,9 +62,9 @@ class PldbQuery:
             raise EventError("query id must be 1 to 255 characters")
 
     def payload(self) -> OpaquePayload:
-        xml = (f'<payload xmlns="{PLDBGET_NS}"><query>{_escape(self.query_id)}</query>'
-               f"<channel>{_escape(self.channel)}</channel>{_leaf('field', self.field)}"
-               f"<reply>{_escape(self.reply)}</reply></payload>")
+        xml = (f'<payload xmlns="{PLDBGET_NS}"><query>{escape_text(self.query_id)}</query>'
+               f"<channel>{escape_text(self.channel)}</channel>{_leaf('field', self.field)}"
+               f"<reply>{escape_text(self.reply)}</reply></payload>")
         return OpaquePayload(PLDBGET_NS, xml.encode("utf-8"))
 
 
@@ -82,8 +83,8 @@ class PldbAttr:
         if self.from_service is not None or self.from_instance is not None:
             sender = f"<from>{_leaf('service', self.from_service)}{_leaf('instance', self.from_instance)}</from>"
         expire = "" if self.expire is None else f"<expire>{self.expire}</expire>"
-        return (f"<attr><channel>{_escape(self.channel)}</channel><field>{_escape(self.field)}</field>"
-                f"<value>{_escape(self.value)}</value><time>{self.time:.3f}</time>{expire}{sender}</attr>")
+        return (f"<attr><channel>{escape_text(self.channel)}</channel><field>{escape_text(self.field)}</field>"
+                f"<value>{escape_text(self.value)}</value><time>{self.time:.3f}</time>{expire}{sender}</attr>")
 
 
 @dataclass(frozen=True)
@@ -105,7 +106,7 @@ def reply_parts(query_id: str, attrs) -> list[OpaquePayload]:
             size = 0
         chunks[-1].append(xml)
         size += len(xml)
-    head = f'<payload xmlns="{PLDBATTRLIST_NS}"><query>{_escape(query_id)}</query>'
+    head = f'<payload xmlns="{PLDBATTRLIST_NS}"><query>{escape_text(query_id)}</query>'
     return [OpaquePayload(PLDBATTRLIST_NS, (f"{head}<part>{n}</part><parts>{len(chunks)}</parts>"
                                             f"{''.join(chunk)}</payload>").encode("utf-8"))
             for n, chunk in enumerate(chunks, 1)]
